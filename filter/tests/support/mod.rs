@@ -1,0 +1,64 @@
+//! Helpers for tests that run the filter in real Envoy: a test PKI, an Envoy
+//! process on ephemeral ports, and a curl client.
+#![allow(dead_code)]
+
+pub mod envoy;
+pub mod pki;
+
+use std::path::PathBuf;
+
+/// The filter under test. `make test` builds it and sets `MESHVM_FILTER_WASM`.
+pub fn filter_wasm() -> PathBuf {
+    let path = std::env::var_os("MESHVM_FILTER_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("meshvm/meshvm_filter.wasm")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: build the filter first with `make wasm` (or run `make test`)",
+        path.display()
+    );
+    path
+}
+
+/// Istio's peer metadata header value for `fields`, encoded independently of
+/// the filter (prost-types + base64), as an Istio sidecar would send it.
+pub fn istio_peer_metadata(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> String {
+    use base64::Engine;
+    use prost::Message;
+    use prost_types::{Struct, Value, value::Kind};
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    };
+    let mut st = Struct::default();
+    for (k, v) in fields {
+        st.fields.insert(k.to_string(), string(v));
+    }
+    if !labels.is_empty() {
+        let mut l = Struct::default();
+        for (k, v) in labels {
+            l.fields.insert(k.to_string(), string(v));
+        }
+        st.fields.insert(
+            "LABELS".to_string(),
+            Value {
+                kind: Some(Kind::StructValue(l)),
+            },
+        );
+    }
+    base64::engine::general_purpose::STANDARD.encode(st.encode_to_vec())
+}
+
+/// Decodes `x-envoy-peer-metadata` independently of the filter.
+pub fn decode_istio_peer_metadata(header: &str) -> prost_types::Struct {
+    use base64::Engine;
+    use prost::Message;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(header)
+        .expect("peer metadata is standard base64");
+    prost_types::Struct::decode(bytes.as_slice()).expect("peer metadata is a protobuf Struct")
+}

@@ -1,0 +1,75 @@
+//! A throwaway mesh CA and SPIFFE workload certificates, written to files for
+//! Envoy and curl.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+
+/// Certificate and key files of one identity.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A test CA that issues workload certificates.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pub root: PathBuf,
+    dir: PathBuf,
+}
+
+impl TestCa {
+    /// Creates a CA and writes its root certificate to `dir/root-cert.pem`.
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::OrganizationName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let root = dir.join(format!("{name}-root-cert.pem"));
+        std::fs::write(&root, cert.pem()).expect("write root");
+        TestCa {
+            issuer: Issuer::new(params, key),
+            root,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Issues a workload certificate with the given URI SANs (plus
+    /// `localhost`/127.0.0.1 so it also serves as a server certificate).
+    pub fn issue(&self, file_stem: &str, uri_sans: &[&str]) -> CertFiles {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::OrganizationName, "meshvm test");
+        params.subject_alt_names = uri_sans
+            .iter()
+            .map(|u| SanType::URI(u.to_string().try_into().expect("ia5 URI")))
+            .collect();
+        params
+            .subject_alt_names
+            .push(SanType::DnsName("localhost".try_into().expect("dns")));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("workload key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let files = CertFiles {
+            cert: self.dir.join(format!("{file_stem}.pem")),
+            key: self.dir.join(format!("{file_stem}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("write cert");
+        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+        files
+    }
+}

@@ -115,7 +115,10 @@ pub enum ConfigError {
     Empty,
     /// JSON syntax, a missing or unknown field, or a value of the wrong type.
     Json(String),
-    Invalid { field: String, problem: String },
+    Invalid {
+        field: String,
+        problem: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -136,9 +139,7 @@ impl fmt::Display for ConfigError {
 fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
     let valid = !name.is_empty()
         && name.bytes().all(|b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || b"!#$%&'*+-.^_`|~".contains(&b)
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
         });
     if valid {
         Ok(())
@@ -246,7 +247,9 @@ mod tests {
     }
 
     fn error_of(json: &str) -> String {
-        FilterConfig::parse(json.as_bytes()).unwrap_err().to_string()
+        FilterConfig::parse(json.as_bytes())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -255,14 +258,40 @@ mod tests {
         assert!(error_of("{").contains("EOF"));
         assert!(error_of("{}").contains("missing field `direction`"));
         assert!(error_of(r#"{"direction":"sideways"}"#).contains("unknown variant `sideways`"));
-        assert!(error_of(r#"{"direction":"inbound","diretcion":1}"#).contains("unknown field `diretcion`"));
-        assert!(error_of(r#"{"direction":"inbound","headers":{"idenity":"x"}}"#).contains("unknown field `idenity`"));
-        assert!(error_of(r#"{"direction":"inbound","headers":{"identity":"X-Upper"}}"#).contains("`headers.identity`"));
-        assert!(error_of(r#"{"direction":"inbound","headers":{"app":""}}"#).contains("`headers.app`"));
-        assert!(error_of(r#"{"direction":"inbound","headers":{"app":"x-mesh-peer-identity"}}"#).contains("already used"));
-        assert!(error_of(r#"{"direction":"inbound","headers":{"peer_metadata":"x-mesh-peer-md"}}"#).contains("collides"));
-        assert!(error_of(r#"{"direction":"inbound","max_peer_metadata_bytes":0}"#).contains("`max_peer_metadata_bytes`"));
-        assert!(error_of(r#"{"direction":"inbound","max_peer_metadata_bytes":-1}"#).contains("invalid value"));
-        assert!(error_of(r#"{"direction":"inbound","remove_peer_metadata_headers":"yes"}"#).contains("invalid type"));
+        assert!(
+            error_of(r#"{"direction":"inbound","diretcion":1}"#)
+                .contains("unknown field `diretcion`")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","headers":{"idenity":"x"}}"#)
+                .contains("unknown field `idenity`")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","headers":{"identity":"X-Upper"}}"#)
+                .contains("`headers.identity`")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","headers":{"app":""}}"#).contains("`headers.app`")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","headers":{"app":"x-mesh-peer-identity"}}"#)
+                .contains("already used")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","headers":{"peer_metadata":"x-mesh-peer-md"}}"#)
+                .contains("collides")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","max_peer_metadata_bytes":0}"#)
+                .contains("`max_peer_metadata_bytes`")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","max_peer_metadata_bytes":-1}"#)
+                .contains("invalid value")
+        );
+        assert!(
+            error_of(r#"{"direction":"inbound","remove_peer_metadata_headers":"yes"}"#)
+                .contains("invalid type")
+        );
     }
 }

@@ -40,9 +40,9 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<(String, String)>> {
 mod tests {
     use super::*;
     // The same tests run natively and, under Node, as wasm32-unknown-unknown.
+    use alloc::vec;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use alloc::vec;
 
     fn encode(pairs: &[(&str, &str)]) -> Vec<u8> {
         let mut out = (pairs.len() as u32).to_le_bytes().to_vec();

@@ -47,7 +47,11 @@ impl Struct {
 
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     /// The string value of `key`, if it holds a string.
@@ -94,7 +98,9 @@ pub enum DecodeError {
     /// A wire type this message cannot contain (groups, or 6/7).
     BadWireType(u8),
     /// A known field arrived with the wrong wire type.
-    UnexpectedWireType { field: u64 },
+    UnexpectedWireType {
+        field: u64,
+    },
     InvalidUtf8,
     TooDeep,
 }
@@ -322,15 +328,14 @@ fn decode_list(bytes: &[u8], depth: usize) -> Result<Vec<Value>, DecodeError> {
 mod tests {
     use super::*;
     // The same tests run natively and, under Node, as wasm32-unknown-unknown.
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
     use alloc::string::ToString;
     use alloc::vec;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn sample() -> Struct {
         let mut labels = Struct::default();
-        labels
-            .insert("app".to_string(), Value::String("product".to_string()));
+        labels.insert("app".to_string(), Value::String("product".to_string()));
         let mut s = Struct::default();
         s.insert("NAME".to_string(), Value::String("vm-1".to_string()));
         s.insert("LABELS".to_string(), Value::Struct(labels));
@@ -363,7 +368,10 @@ mod tests {
         b.insert("k", Value::Bool(true));
         let mut bytes = a.encode();
         bytes.extend_from_slice(&b.encode());
-        assert_eq!(Struct::decode(&bytes).unwrap().get("k"), Some(&Value::Bool(true)));
+        assert_eq!(
+            Struct::decode(&bytes).unwrap().get("k"),
+            Some(&Value::Bool(true))
+        );
     }
 
     #[test]
@@ -394,7 +402,10 @@ mod tests {
                 assert!(s.fields.len() < sample().fields.len());
             }
         }
-        assert_eq!(Struct::decode(&[0x0a, 0x05, 0x00]), Err(DecodeError::Truncated));
+        assert_eq!(
+            Struct::decode(&[0x0a, 0x05, 0x00]),
+            Err(DecodeError::Truncated)
+        );
         assert_eq!(Struct::decode(&[0x0b]), Err(DecodeError::BadWireType(3)));
         assert_eq!(
             Struct::decode(&[0x08, 0x01]),

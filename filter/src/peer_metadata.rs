@@ -38,7 +38,10 @@ pub struct PeerInfo {
 /// Why a peer metadata header was not usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMetadataError {
-    TooLarge { len: usize, limit: usize },
+    TooLarge {
+        len: usize,
+        limit: usize,
+    },
     Base64(base64::Base64Error),
     Protobuf(DecodeError),
     /// A value that cannot be put in an HTTP header (control characters).
@@ -56,7 +59,10 @@ impl fmt::Display for PeerMetadataError {
                 write!(f, "peer metadata is not a protobuf Struct: {e}")
             }
             PeerMetadataError::UnsafeValue(key) => {
-                write!(f, "peer metadata {key} contains characters not allowed in a header")
+                write!(
+                    f,
+                    "peer metadata {key} contains characters not allowed in a header"
+                )
             }
         }
     }
@@ -97,7 +103,11 @@ pub fn peer_info(metadata: &Struct) -> Result<PeerInfo, PeerMetadataError> {
             "app label",
             first_label(
                 labels,
-                &["app", "app.kubernetes.io/name", "service.istio.io/canonical-name"],
+                &[
+                    "app",
+                    "app.kubernetes.io/name",
+                    "service.istio.io/canonical-name",
+                ],
             ),
         ),
         (
@@ -173,9 +183,9 @@ impl NodeMetadata {
 mod tests {
     use super::*;
     // The same tests run natively and, under Node, as wasm32-unknown-unknown.
+    use alloc::vec;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use alloc::vec;
 
     fn s(v: &str) -> Value {
         Value::String(v.to_string())
@@ -203,7 +213,10 @@ mod tests {
         let st = node().to_struct();
         let decoded = Struct::decode(&st.encode()).unwrap();
         let keys: Vec<&str> = decoded.fields.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "WORKLOAD_NAME"]);
+        assert_eq!(
+            keys,
+            ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "WORKLOAD_NAME"]
+        );
         let labels = st.child("LABELS").unwrap();
         assert_eq!(labels.fields.len(), 2);
         assert_eq!(labels.string("app"), Some("product"));

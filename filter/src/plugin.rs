@@ -103,7 +103,9 @@ impl RootContext for Root {
 fn outbound_headers() -> OutboundHeaders {
     let node = read_node_metadata();
     if node.fields.is_empty() {
-        log::warn!("meshvm: node metadata has none of NAME, NAMESPACE, WORKLOAD_NAME, CLUSTER_ID, OWNER");
+        log::warn!(
+            "meshvm: node metadata has none of NAME, NAMESPACE, WORKLOAD_NAME, CLUSTER_ID, OWNER"
+        );
     }
     let peer_metadata_id = node_string(&["id"]).filter(|id| {
         let safe = peer_metadata::is_header_safe(id);
@@ -204,16 +206,18 @@ fn inbound_request(config: &FilterConfig) {
     } else {
         None
     };
-    let identity = san.as_deref().and_then(|san| match std::str::from_utf8(san) {
-        Ok(uri) => match spiffe::parse(uri) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                log::debug!("meshvm: peer URI SAN is not a workload identity: {e}");
-                None
-            }
-        },
-        Err(_) => None,
-    });
+    let identity = san
+        .as_deref()
+        .and_then(|san| match std::str::from_utf8(san) {
+            Ok(uri) => match spiffe::parse(uri) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    log::debug!("meshvm: peer URI SAN is not a workload identity: {e}");
+                    None
+                }
+            },
+            Err(_) => None,
+        });
 
     match &identity {
         Some(id) => {

@@ -46,9 +46,9 @@ impl fmt::Display for SpiffeError {
 
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 fn valid_segment(segment: &str) -> bool {
@@ -65,7 +65,9 @@ pub fn parse(uri: &str) -> Result<SpiffeId<'_>, SpiffeError> {
     if uri.len() > MAX_SPIFFE_ID_LEN {
         return Err(SpiffeError::TooLong);
     }
-    let rest = uri.strip_prefix("spiffe://").ok_or(SpiffeError::NotSpiffeScheme)?;
+    let rest = uri
+        .strip_prefix("spiffe://")
+        .ok_or(SpiffeError::NotSpiffeScheme)?;
     let (trust_domain, path) = rest.split_once('/').ok_or(SpiffeError::NotWorkloadPath)?;
     if !valid_trust_domain(trust_domain) {
         return Err(SpiffeError::InvalidTrustDomain);
@@ -115,24 +117,72 @@ mod tests {
     fn rejects_everything_else() {
         let cases = [
             ("", SpiffeError::NotSpiffeScheme),
-            ("https://cluster.local/ns/a/sa/b", SpiffeError::NotSpiffeScheme),
-            ("SPIFFE://cluster.local/ns/a/sa/b", SpiffeError::NotSpiffeScheme),
+            (
+                "https://cluster.local/ns/a/sa/b",
+                SpiffeError::NotSpiffeScheme,
+            ),
+            (
+                "SPIFFE://cluster.local/ns/a/sa/b",
+                SpiffeError::NotSpiffeScheme,
+            ),
             ("spiffe://cluster.local", SpiffeError::NotWorkloadPath),
             ("spiffe:///ns/a/sa/b", SpiffeError::InvalidTrustDomain),
-            ("spiffe://Cluster.local/ns/a/sa/b", SpiffeError::InvalidTrustDomain),
-            ("spiffe://cluster.local:443/ns/a/sa/b", SpiffeError::InvalidTrustDomain),
-            ("spiffe://user@cluster.local/ns/a/sa/b", SpiffeError::InvalidTrustDomain),
-            ("spiffe://cluster.local/ns/a/sa/b/", SpiffeError::NotWorkloadPath),
-            ("spiffe://cluster.local/ns/a/sa/b/c", SpiffeError::NotWorkloadPath),
-            ("spiffe://cluster.local/ns/a/sa", SpiffeError::NotWorkloadPath),
-            ("spiffe://cluster.local/sa/b/ns/a", SpiffeError::NotWorkloadPath),
-            ("spiffe://cluster.local/ns//sa/b", SpiffeError::InvalidSegment),
-            ("spiffe://cluster.local/ns/a/sa/", SpiffeError::InvalidSegment),
-            ("spiffe://cluster.local/ns/../sa/b", SpiffeError::InvalidSegment),
-            ("spiffe://cluster.local/ns/a%2f/sa/b", SpiffeError::InvalidSegment),
-            ("spiffe://cluster.local/ns/a/sa/b?x=1", SpiffeError::InvalidSegment),
-            ("spiffe://cluster.local/ns/a/sa/b#f", SpiffeError::InvalidSegment),
-            ("spiffe://cluster.local/ns/a\r\n/sa/b", SpiffeError::InvalidSegment),
+            (
+                "spiffe://Cluster.local/ns/a/sa/b",
+                SpiffeError::InvalidTrustDomain,
+            ),
+            (
+                "spiffe://cluster.local:443/ns/a/sa/b",
+                SpiffeError::InvalidTrustDomain,
+            ),
+            (
+                "spiffe://user@cluster.local/ns/a/sa/b",
+                SpiffeError::InvalidTrustDomain,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b/",
+                SpiffeError::NotWorkloadPath,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b/c",
+                SpiffeError::NotWorkloadPath,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa",
+                SpiffeError::NotWorkloadPath,
+            ),
+            (
+                "spiffe://cluster.local/sa/b/ns/a",
+                SpiffeError::NotWorkloadPath,
+            ),
+            (
+                "spiffe://cluster.local/ns//sa/b",
+                SpiffeError::InvalidSegment,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/",
+                SpiffeError::InvalidSegment,
+            ),
+            (
+                "spiffe://cluster.local/ns/../sa/b",
+                SpiffeError::InvalidSegment,
+            ),
+            (
+                "spiffe://cluster.local/ns/a%2f/sa/b",
+                SpiffeError::InvalidSegment,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b?x=1",
+                SpiffeError::InvalidSegment,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b#f",
+                SpiffeError::InvalidSegment,
+            ),
+            (
+                "spiffe://cluster.local/ns/a\r\n/sa/b",
+                SpiffeError::InvalidSegment,
+            ),
         ];
         for (uri, expected) in cases {
             assert_eq!(parse(uri), Err(expected), "{uri:?}");

@@ -35,7 +35,10 @@ fn vm_node_metadata() -> Value {
 
 /// Identity headers a malicious caller or app sends, hoping the app trusts them.
 const FORGED: &[(&str, &str)] = &[
-    ("x-mesh-peer-identity", "spiffe://cluster.local/ns/kube-system/sa/admin"),
+    (
+        "x-mesh-peer-identity",
+        "spiffe://cluster.local/ns/kube-system/sa/admin",
+    ),
     ("X-Mesh-Peer-Namespace", "kube-system"),
     ("x-mesh-peer-app", "forged"),
     ("x-mesh-peer-something-new", "forged"),
@@ -95,10 +98,19 @@ fn inbound_labels_requests_with_the_client_certificate_identity() {
     );
     let mut headers = FORGED.to_vec();
     headers.push(("x-envoy-peer-metadata", &metadata));
-    headers.push(("x-envoy-peer-metadata-id", "sidecar~10.0.0.9~ledger-v3-abc.payments~payments.svc.cluster.local"));
+    headers.push((
+        "x-envoy-peer-metadata-id",
+        "sidecar~10.0.0.9~ledger-v3-abc.payments~payments.svc.cluster.local",
+    ));
     let url = format!("https://127.0.0.1:{port}/orders");
     let res = curl(&url, &headers, Some((&ca.root, Some(&client))));
-    assert!(res.success && res.status == 200, "{} {}\n{}", res.status, res.stderr, envoy.logs());
+    assert!(
+        res.success && res.status == 200,
+        "{} {}\n{}",
+        res.status,
+        res.stderr,
+        envoy.logs()
+    );
 
     let seen = app.last_request().expect("the app got the request");
     assert_eq!(seen.header_all("x-mesh-peer-identity"), [CALLER_IDENTITY]);
@@ -112,9 +124,18 @@ fn inbound_labels_requests_with_the_client_certificate_identity() {
     assert_eq!(seen.header("x-envoy-peer-metadata-id"), None);
     assert_no_forged_values(&seen);
 
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.requests_labeled"), Some(1));
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.spoofed_headers_removed"), Some(4));
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.peer_identity_missing"), Some(0));
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.requests_labeled"),
+        Some(1)
+    );
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.spoofed_headers_removed"),
+        Some(4)
+    );
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.peer_identity_missing"),
+        Some(0)
+    );
 }
 
 #[test]
@@ -124,10 +145,14 @@ fn inbound_ignores_metadata_and_identities_it_cannot_trust() {
     let app = EchoApp::spawn("127.0.0.1:0", "reviews").unwrap();
     let envoy = inbound_envoy(dir.path(), &ca, &app, json!({"direction": "inbound"}));
     let mtls_url = format!("https://127.0.0.1:{}/", envoy.listener_port("inbound"));
-    let plain_url = format!("http://127.0.0.1:{}/", envoy.listener_port("inbound_plaintext"));
+    let plain_url = format!(
+        "http://127.0.0.1:{}/",
+        envoy.listener_port("inbound_plaintext")
+    );
     let ledger = ca.issue("ledger", &[CALLER_IDENTITY]);
     let not_spiffe = ca.issue("web", &["https://example.com/ns/a/sa/b"]);
-    let metadata = support::istio_peer_metadata(&[("WORKLOAD_NAME", "admin-console")], &[("app", "admin")]);
+    let metadata =
+        support::istio_peer_metadata(&[("WORKLOAD_NAME", "admin-console")], &[("app", "admin")]);
     let with_metadata: Vec<(&str, &str)> = FORGED
         .iter()
         .copied()
@@ -139,12 +164,25 @@ fn inbound_ignores_metadata_and_identities_it_cannot_trust() {
     assert_eq!(res.status, 200, "{}", res.stderr);
     let seen = app.last_request().unwrap();
     assert_no_forged_values(&seen);
-    for h in ["x-mesh-peer-identity", "x-mesh-peer-workload", "x-mesh-peer-app", "x-envoy-peer-metadata"] {
-        assert_eq!(seen.header(h), None, "{h} must not reach the app from a plaintext caller");
+    for h in [
+        "x-mesh-peer-identity",
+        "x-mesh-peer-workload",
+        "x-mesh-peer-app",
+        "x-envoy-peer-metadata",
+    ] {
+        assert_eq!(
+            seen.header(h),
+            None,
+            "{h} must not reach the app from a plaintext caller"
+        );
     }
 
     // A mesh certificate whose URI SAN is not a workload identity.
-    let res = curl(&mtls_url, &with_metadata, Some((&ca.root, Some(&not_spiffe))));
+    let res = curl(
+        &mtls_url,
+        &with_metadata,
+        Some((&ca.root, Some(&not_spiffe))),
+    );
     assert_eq!(res.status, 200, "{}", res.stderr);
     let seen = app.last_request().unwrap();
     assert_no_forged_values(&seen);
@@ -152,15 +190,24 @@ fn inbound_ignores_metadata_and_identities_it_cannot_trust() {
     assert_eq!(seen.header("x-mesh-peer-workload"), None);
 
     // Metadata that claims another namespace than the certificate.
-    let other_ns = support::istio_peer_metadata(&[("NAMESPACE", "kube-system"), ("WORKLOAD_NAME", "x")], &[]);
-    let res = curl(&mtls_url, &[("x-envoy-peer-metadata", &other_ns)], Some((&ca.root, Some(&ledger))));
+    let other_ns =
+        support::istio_peer_metadata(&[("NAMESPACE", "kube-system"), ("WORKLOAD_NAME", "x")], &[]);
+    let res = curl(
+        &mtls_url,
+        &[("x-envoy-peer-metadata", &other_ns)],
+        Some((&ca.root, Some(&ledger))),
+    );
     assert_eq!(res.status, 200, "{}", res.stderr);
     let seen = app.last_request().unwrap();
     assert_eq!(seen.header("x-mesh-peer-identity"), Some(CALLER_IDENTITY));
     assert_eq!(seen.header("x-mesh-peer-workload"), None);
 
     // Garbage metadata from an authenticated caller: identity kept, metadata dropped.
-    let res = curl(&mtls_url, &[("x-envoy-peer-metadata", "%%%not-base64%%%")], Some((&ca.root, Some(&ledger))));
+    let res = curl(
+        &mtls_url,
+        &[("x-envoy-peer-metadata", "%%%not-base64%%%")],
+        Some((&ca.root, Some(&ledger))),
+    );
     assert_eq!(res.status, 200, "{}", res.stderr);
     let seen = app.last_request().unwrap();
     assert_eq!(seen.header("x-mesh-peer-identity"), Some(CALLER_IDENTITY));
@@ -169,13 +216,28 @@ fn inbound_ignores_metadata_and_identities_it_cannot_trust() {
     // No client certificate: the mTLS listener refuses the connection.
     let requests_before = app.requests().len();
     let res = curl(&mtls_url, &[], Some((&ca.root, None)));
-    assert!(!res.success || res.status != 200, "a caller without a certificate got through");
+    assert!(
+        !res.success || res.status != 200,
+        "a caller without a certificate got through"
+    );
     assert_eq!(app.requests().len(), requests_before);
 
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.peer_identity_missing"), Some(2));
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.peer_metadata_malformed"), Some(2));
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.requests_labeled"), Some(2));
-    assert_eq!(envoy.counter("wasmcustom.meshvm.inbound.spoofed_headers_removed"), Some(8));
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.peer_identity_missing"),
+        Some(2)
+    );
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.peer_metadata_malformed"),
+        Some(2)
+    );
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.requests_labeled"),
+        Some(2)
+    );
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.inbound.spoofed_headers_removed"),
+        Some(8)
+    );
 }
 
 /// The VM's Envoy: an outbound listener with the filter, to `upstream`.
@@ -219,26 +281,46 @@ fn outbound_sends_istio_peer_metadata_that_istio_can_decode() {
     };
     let mut keys: Vec<&str> = metadata.fields.keys().map(String::as_str).collect();
     keys.sort();
-    assert_eq!(keys, ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]);
+    assert_eq!(
+        keys,
+        [
+            "CLUSTER_ID",
+            "LABELS",
+            "NAME",
+            "NAMESPACE",
+            "OWNER",
+            "WORKLOAD_NAME"
+        ]
+    );
     let expected = vm_node_metadata();
     for key in ["CLUSTER_ID", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"] {
         assert_eq!(string(&metadata.fields[key]), expected[key], "{key}");
     }
-    let Some(prost_types::value::Kind::StructValue(labels)) = &metadata.fields["LABELS"].kind else {
+    let Some(prost_types::value::Kind::StructValue(labels)) = &metadata.fields["LABELS"].kind
+    else {
         panic!("LABELS is not a struct");
     };
-    let mut labels: Vec<(String, String)> =
-        labels.fields.iter().map(|(k, v)| (k.clone(), string(v))).collect();
+    let mut labels: Vec<(String, String)> = labels
+        .fields
+        .iter()
+        .map(|(k, v)| (k.clone(), string(v)))
+        .collect();
     labels.sort();
     assert_eq!(
         labels,
         [
             ("app".to_string(), "product".to_string()),
-            ("service.istio.io/canonical-name".to_string(), "product".to_string()),
+            (
+                "service.istio.io/canonical-name".to_string(),
+                "product".to_string()
+            ),
             ("version".to_string(), "v1".to_string()),
         ]
     );
-    assert_eq!(envoy.counter("wasmcustom.meshvm.outbound.requests_labeled"), Some(1));
+    assert_eq!(
+        envoy.counter("wasmcustom.meshvm.outbound.requests_labeled"),
+        Some(1)
+    );
 }
 
 #[test]
@@ -247,7 +329,9 @@ fn sidecar_to_sidecar_over_mtls_the_app_sees_the_vm_identity() {
     let ca = TestCa::new(dir.path(), "mesh");
     let app = EchoApp::spawn("127.0.0.1:0", "reviews").unwrap();
     let server = inbound_envoy(dir.path(), &ca, &app, json!({"direction": "inbound"}));
-    let server_addr = format!("127.0.0.1:{}", server.listener_port("inbound")).parse().unwrap();
+    let server_addr = format!("127.0.0.1:{}", server.listener_port("inbound"))
+        .parse()
+        .unwrap();
     let vm_cert = ca.issue("product-vm", &[VM_IDENTITY]);
     let client = outbound_envoy(
         dir.path(),
@@ -258,9 +342,19 @@ fn sidecar_to_sidecar_over_mtls_the_app_sees_the_vm_identity() {
         ),
         json!({"direction": "outbound"}),
     );
-    let url = format!("http://127.0.0.1:{}/reviews/1", client.listener_port("outbound"));
+    let url = format!(
+        "http://127.0.0.1:{}/reviews/1",
+        client.listener_port("outbound")
+    );
     let res = curl(&url, FORGED, None);
-    assert_eq!(res.status, 200, "{}\n{}\n{}", res.stderr, client.logs(), server.logs());
+    assert_eq!(
+        res.status,
+        200,
+        "{}\n{}\n{}",
+        res.stderr,
+        client.logs(),
+        server.logs()
+    );
     let answer: Value = serde_json::from_str(&res.body).expect("echo answers JSON");
     assert_eq!(answer["app"], "reviews");
 
@@ -292,7 +386,11 @@ fn custom_header_names_are_used() {
     let metadata = support::istio_peer_metadata(&[("WORKLOAD_NAME", "ledger-v3")], &[]);
     let res = curl(
         &url,
-        &[("x-caller-spiffe", "forged"), ("x-caller-other", "forged"), ("x-envoy-peer-metadata", &metadata)],
+        &[
+            ("x-caller-spiffe", "forged"),
+            ("x-caller-other", "forged"),
+            ("x-envoy-peer-metadata", &metadata),
+        ],
         Some((&ca.root, Some(&ledger))),
     );
     assert_eq!(res.status, 200, "{}", res.stderr);
@@ -301,7 +399,10 @@ fn custom_header_names_are_used() {
     assert_eq!(seen.header("x-caller-other"), None);
     assert_eq!(seen.header("x-mesh-peer-namespace"), Some("payments"));
     assert_eq!(seen.header("x-mesh-peer-workload"), Some("ledger-v3"));
-    assert_eq!(seen.header("x-envoy-peer-metadata"), Some(metadata.as_str()));
+    assert_eq!(
+        seen.header("x-envoy-peer-metadata"),
+        Some(metadata.as_str())
+    );
 }
 
 #[test]
@@ -309,8 +410,16 @@ fn envoy_refuses_an_invalid_configuration_and_says_which_field() {
     let dir = tempfile::tempdir().unwrap();
     let app = EchoApp::spawn("127.0.0.1:0", "reviews").unwrap();
     for (name, plugin_config, expected) in [
-        ("typo", json!({"diretcion": "inbound"}), "unknown field `diretcion`"),
-        ("header", json!({"direction": "inbound", "headers": {"app": "Bad Name"}}), "`headers.app`"),
+        (
+            "typo",
+            json!({"diretcion": "inbound"}),
+            "unknown field `diretcion`",
+        ),
+        (
+            "header",
+            json!({"direction": "inbound", "headers": {"app": "Bad Name"}}),
+            "`headers.app`",
+        ),
     ] {
         let config = envoy::bootstrap(
             VM_NODE_ID,
@@ -324,6 +433,9 @@ fn envoy_refuses_an_invalid_configuration_and_says_which_field() {
             vec![envoy::cluster("app", app.addr(), None)],
         );
         let log = Envoy::expect_start_failure(dir.path(), name, &config);
-        assert!(log.contains(expected), "Envoy's log does not name {expected}:\n{log}");
+        assert!(
+            log.contains(expected),
+            "Envoy's log does not name {expected}:\n{log}"
+        );
     }
 }

@@ -24,7 +24,11 @@ fn start(config: &str) -> Plugin {
         .configuration(config)
         .start()
         .expect("start the filter");
-    assert!(plugin.configured(), "configuration refused: {:?}", plugin.logs());
+    assert!(
+        plugin.configured(),
+        "configuration refused: {:?}",
+        plugin.logs()
+    );
     plugin
 }
 
@@ -33,7 +37,9 @@ fn inbound() -> Plugin {
 }
 
 fn metric(plugin: &Plugin, name: &str) -> i64 {
-    plugin.metric(&format!("meshvm.{name}")).unwrap_or_else(|| panic!("metric {name} undefined"))
+    plugin
+        .metric(&format!("meshvm.{name}"))
+        .unwrap_or_else(|| panic!("metric {name} undefined"))
 }
 
 fn ledger_metadata() -> String {
@@ -57,13 +63,19 @@ fn inbound_mtls_caller_is_labeled_from_its_certificate() {
             HttpRequest::get("/orders")
                 .mtls_peer(CALLER)
                 .header("x-envoy-peer-metadata", &md)
-                .header("x-envoy-peer-metadata-id", "sidecar~10.0.0.9~ledger-v3-abc.payments~payments.svc.cluster.local")
+                .header(
+                    "x-envoy-peer-metadata-id",
+                    "sidecar~10.0.0.9~ledger-v3-abc.payments~payments.svc.cluster.local",
+                )
                 .header("user-agent", "curl"),
         )
         .unwrap();
     assert_eq!(ex.request_header_all("x-mesh-peer-identity"), [CALLER]);
     assert_eq!(ex.request_header("x-mesh-peer-namespace"), Some("payments"));
-    assert_eq!(ex.request_header("x-mesh-peer-service-account"), Some("ledger"));
+    assert_eq!(
+        ex.request_header("x-mesh-peer-service-account"),
+        Some("ledger")
+    );
     assert_eq!(ex.request_header("x-mesh-peer-workload"), Some("ledger-v3"));
     assert_eq!(ex.request_header("x-mesh-peer-app"), Some("ledger"));
     assert_eq!(ex.request_header("x-mesh-peer-version"), Some("v3"));
@@ -84,7 +96,10 @@ fn forged_identity_headers_never_reach_the_app() {
         .http_request(
             HttpRequest::get("/")
                 .mtls_peer(CALLER)
-                .header("x-mesh-peer-identity", "spiffe://cluster.local/ns/kube-system/sa/admin")
+                .header(
+                    "x-mesh-peer-identity",
+                    "spiffe://cluster.local/ns/kube-system/sa/admin",
+                )
                 .header("x-mesh-peer-identity", "second-copy")
                 .header("x-mesh-peer-workload", "forged")
                 .header("x-mesh-peer-anything", "forged"),
@@ -108,7 +123,12 @@ fn plaintext_callers_get_no_identity_and_their_metadata_is_dropped() {
                 .header("x-envoy-peer-metadata", &md),
         )
         .unwrap();
-    for h in ["x-mesh-peer-identity", "x-mesh-peer-workload", "x-mesh-peer-app", "x-envoy-peer-metadata"] {
+    for h in [
+        "x-mesh-peer-identity",
+        "x-mesh-peer-workload",
+        "x-mesh-peer-app",
+        "x-envoy-peer-metadata",
+    ] {
         assert_eq!(ex.request_header(h), None, "{h}");
     }
     assert_eq!(metric(&plugin, "inbound.peer_identity_missing"), 1);
@@ -153,16 +173,25 @@ fn malformed_spiffe_ids_are_not_identities() {
     ];
     for san in bad {
         let ex = plugin
-            .http_request(HttpRequest::get("/").mtls_peer(san).header("x-envoy-peer-metadata", &ledger_metadata()))
+            .http_request(
+                HttpRequest::get("/")
+                    .mtls_peer(san)
+                    .header("x-envoy-peer-metadata", &ledger_metadata()),
+            )
             .unwrap();
         assert_eq!(ex.request_header("x-mesh-peer-identity"), None, "{san:?}");
         assert_eq!(ex.request_header("x-mesh-peer-workload"), None, "{san:?}");
         assert_eq!(ex.request_header("x-envoy-peer-metadata"), None, "{san:?}");
     }
     let long = format!("spiffe://cluster.local/ns/{}/sa/b", "n".repeat(3000));
-    let ex = plugin.http_request(HttpRequest::get("/").mtls_peer(&long)).unwrap();
+    let ex = plugin
+        .http_request(HttpRequest::get("/").mtls_peer(&long))
+        .unwrap();
     assert_eq!(ex.request_header("x-mesh-peer-identity"), None);
-    assert_eq!(metric(&plugin, "inbound.peer_identity_missing"), bad.len() as i64 + 1);
+    assert_eq!(
+        metric(&plugin, "inbound.peer_identity_missing"),
+        bad.len() as i64 + 1
+    );
     assert!(!plugin.failed());
 }
 
@@ -170,8 +199,14 @@ fn malformed_spiffe_ids_are_not_identities() {
 fn malformed_peer_metadata_is_ignored_but_the_identity_stays() {
     let mut plugin = inbound();
     let oversized = support::istio_peer_metadata(&[("WORKLOAD_NAME", &"w".repeat(9000))], &[]);
-    let crlf = support::istio_peer_metadata(&[("WORKLOAD_NAME", "evil\r\nx-mesh-peer-identity: forged")], &[]);
-    let wrong_namespace = support::istio_peer_metadata(&[("NAMESPACE", "kube-system"), ("WORKLOAD_NAME", "admin")], &[]);
+    let crlf = support::istio_peer_metadata(
+        &[("WORKLOAD_NAME", "evil\r\nx-mesh-peer-identity: forged")],
+        &[],
+    );
+    let wrong_namespace = support::istio_peer_metadata(
+        &[("NAMESPACE", "kube-system"), ("WORKLOAD_NAME", "admin")],
+        &[],
+    );
     let truncated = {
         let good = ledger_metadata();
         use base64::Engine;
@@ -191,27 +226,52 @@ fn malformed_peer_metadata_is_ignored_but_the_identity_stays() {
     ];
     for md in &cases {
         let ex = plugin
-            .http_request(HttpRequest::get("/").mtls_peer(CALLER).header("x-envoy-peer-metadata", md))
+            .http_request(
+                HttpRequest::get("/")
+                    .mtls_peer(CALLER)
+                    .header("x-envoy-peer-metadata", md),
+            )
             .unwrap();
-        assert_eq!(ex.request_header("x-mesh-peer-identity"), Some(CALLER), "{md:.40}");
-        for h in ["x-mesh-peer-workload", "x-mesh-peer-app", "x-mesh-peer-version", "x-mesh-peer-cluster"] {
+        assert_eq!(
+            ex.request_header("x-mesh-peer-identity"),
+            Some(CALLER),
+            "{md:.40}"
+        );
+        for h in [
+            "x-mesh-peer-workload",
+            "x-mesh-peer-app",
+            "x-mesh-peer-version",
+            "x-mesh-peer-cluster",
+        ] {
             assert_eq!(ex.request_header(h), None, "{h} from {md:.40}");
         }
         assert_eq!(ex.request_header("x-envoy-peer-metadata"), None);
     }
-    assert_eq!(metric(&plugin, "inbound.peer_metadata_malformed"), cases.len() as i64);
+    assert_eq!(
+        metric(&plugin, "inbound.peer_metadata_malformed"),
+        cases.len() as i64
+    );
     assert!(!plugin.failed());
 }
 
 #[test]
 fn peer_metadata_size_limit_and_header_removal_are_configurable() {
-    let mut plugin = start(r#"{"direction":"inbound","max_peer_metadata_bytes":16,"remove_peer_metadata_headers":false}"#);
+    let mut plugin = start(
+        r#"{"direction":"inbound","max_peer_metadata_bytes":16,"remove_peer_metadata_headers":false}"#,
+    );
     let md = ledger_metadata();
     let ex = plugin
-        .http_request(HttpRequest::get("/").mtls_peer(CALLER).header("x-envoy-peer-metadata", &md))
+        .http_request(
+            HttpRequest::get("/")
+                .mtls_peer(CALLER)
+                .header("x-envoy-peer-metadata", &md),
+        )
         .unwrap();
     assert_eq!(ex.request_header("x-mesh-peer-workload"), None);
-    assert_eq!(ex.request_header("x-envoy-peer-metadata"), Some(md.as_str()));
+    assert_eq!(
+        ex.request_header("x-envoy-peer-metadata"),
+        Some(md.as_str())
+    );
     assert_eq!(metric(&plugin, "inbound.peer_metadata_malformed"), 1);
 }
 
@@ -244,10 +304,22 @@ fn invalid_configurations_are_refused_with_the_field_named() {
         ("not json", "expected"),
         ("{}", "missing field `direction`"),
         (r#"{"direction":"up"}"#, "unknown variant `up`"),
-        (r#"{"direction":"inbound","extra":true}"#, "unknown field `extra`"),
-        (r#"{"direction":"inbound","headers":{"identity":"UPPER"}}"#, "`headers.identity`"),
-        (r#"{"direction":"inbound","headers":{"identity_prefix":""}}"#, "`headers.identity_prefix`"),
-        (r#"{"direction":"inbound","max_peer_metadata_bytes":1000000}"#, "`max_peer_metadata_bytes`"),
+        (
+            r#"{"direction":"inbound","extra":true}"#,
+            "unknown field `extra`",
+        ),
+        (
+            r#"{"direction":"inbound","headers":{"identity":"UPPER"}}"#,
+            "`headers.identity`",
+        ),
+        (
+            r#"{"direction":"inbound","headers":{"identity_prefix":""}}"#,
+            "`headers.identity_prefix`",
+        ),
+        (
+            r#"{"direction":"inbound","max_peer_metadata_bytes":1000000}"#,
+            "`max_peer_metadata_bytes`",
+        ),
     ];
     for (config, expected) in cases {
         let plugin = harness()
@@ -257,7 +329,11 @@ fn invalid_configurations_are_refused_with_the_field_named() {
             .start()
             .expect("start");
         assert!(!plugin.configured(), "accepted {config:?}");
-        assert!(plugin.logged(expected), "no log naming {expected:?} for {config:?}: {:?}", plugin.logs());
+        assert!(
+            plugin.logged(expected),
+            "no log naming {expected:?} for {config:?}: {:?}",
+            plugin.logs()
+        );
         assert!(!plugin.failed());
     }
 }
@@ -276,14 +352,23 @@ fn outbound_plugin(harness: &Harness) -> Plugin {
         .plugin()
         .root_id("meshvm")
         .configuration(r#"{"direction":"outbound"}"#)
-        .property(&["xds", "node", "id"], "sidecar~10.0.0.5~product-vm-1.default~default.svc.cluster.local")
+        .property(
+            &["xds", "node", "id"],
+            "sidecar~10.0.0.5~product-vm-1.default~default.svc.cluster.local",
+        )
         .node_metadata("NAME", "product-vm-1")
         .node_metadata("NAMESPACE", "default")
         .node_metadata("WORKLOAD_NAME", "product-vm")
         .node_metadata("CLUSTER_ID", "vm-cluster")
-        .node_metadata("OWNER", "kubernetes://apis/networking.istio.io/v1/namespaces/default/workloadgroups/product-vm")
+        .node_metadata(
+            "OWNER",
+            "kubernetes://apis/networking.istio.io/v1/namespaces/default/workloadgroups/product-vm",
+        )
         .node_metadata("ISTIO_VERSION", "1.24.0")
-        .node_metadata("LABELS", property::map(&[("app", "product"), ("version", "v1"), ("private", "x")]))
+        .node_metadata(
+            "LABELS",
+            property::map(&[("app", "product"), ("version", "v1"), ("private", "x")]),
+        )
         .start()
         .unwrap();
     assert!(plugin.configured(), "{:?}", plugin.logs());
@@ -305,7 +390,17 @@ fn outbound_requests_carry_our_peer_metadata() {
     let md = support::decode_istio_peer_metadata(values[0]);
     let mut keys: Vec<&String> = md.fields.keys().collect();
     keys.sort();
-    assert_eq!(keys, ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]);
+    assert_eq!(
+        keys,
+        [
+            "CLUSTER_ID",
+            "LABELS",
+            "NAME",
+            "NAMESPACE",
+            "OWNER",
+            "WORKLOAD_NAME"
+        ]
+    );
     let Some(prost_types::value::Kind::StructValue(labels)) = &md.fields["LABELS"].kind else {
         panic!("LABELS is not a struct")
     };
@@ -329,7 +424,8 @@ fn outbound_metadata_is_encoded_once_per_configuration() {
     );
     assert!(plugin.reconfigure(r#"{"direction":"outbound"}"#).unwrap());
     let third = plugin.http_request(HttpRequest::get("/")).unwrap();
-    let md = support::decode_istio_peer_metadata(third.request_header("x-envoy-peer-metadata").unwrap());
+    let md =
+        support::decode_istio_peer_metadata(third.request_header("x-envoy-peer-metadata").unwrap());
     assert_eq!(
         md.fields["NAME"].kind,
         Some(prost_types::value::Kind::StringValue("changed".into()))
@@ -342,7 +438,10 @@ fn outbound_falls_back_to_the_pre_1_33_node_attributes() {
         .plugin()
         .root_id("meshvm")
         .configuration(r#"{"direction":"outbound"}"#)
-        .property(&["node", "id"], "sidecar~10.0.0.5~old.default~default.svc.cluster.local")
+        .property(
+            &["node", "id"],
+            "sidecar~10.0.0.5~old.default~default.svc.cluster.local",
+        )
         .property(&["node", "metadata", "NAME"], "old")
         .start()
         .unwrap();
@@ -351,7 +450,8 @@ fn outbound_falls_back_to_the_pre_1_33_node_attributes() {
         ex.request_header("x-envoy-peer-metadata-id"),
         Some("sidecar~10.0.0.5~old.default~default.svc.cluster.local")
     );
-    let md = support::decode_istio_peer_metadata(ex.request_header("x-envoy-peer-metadata").unwrap());
+    let md =
+        support::decode_istio_peer_metadata(ex.request_header("x-envoy-peer-metadata").unwrap());
     assert_eq!(md.fields.len(), 1);
 }
 
@@ -389,7 +489,10 @@ impl XorShift {
     }
 
     fn printable(&mut self, max: usize) -> String {
-        self.bytes(max).into_iter().map(|b| char::from(0x21 + b % 94)).collect()
+        self.bytes(max)
+            .into_iter()
+            .map(|b| char::from(0x21 + b % 94))
+            .collect()
     }
 }
 
@@ -426,7 +529,10 @@ fn random_input_never_breaks_the_filter() {
                 HttpRequest::get("/")
                     .mtls_peer(&san)
                     .header("x-envoy-peer-metadata", &metadata)
-                    .header(&format!("x-mesh-peer-{}", rng.next() % 5), &rng.printable(30)),
+                    .header(
+                        &format!("x-mesh-peer-{}", rng.next() % 5),
+                        &rng.printable(30),
+                    ),
             )
             .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
         assert_eq!(ex.request_header("x-envoy-peer-metadata"), None);

@@ -139,7 +139,12 @@ pub fn cluster(name: &str, addr: SocketAddr, transport_socket: Option<Value>) ->
 }
 
 /// A whole bootstrap.
-pub fn bootstrap(node_id: &str, node_metadata: Value, listeners: Vec<Value>, clusters: Vec<Value>) -> Value {
+pub fn bootstrap(
+    node_id: &str,
+    node_metadata: Value,
+    listeners: Vec<Value>,
+    clusters: Vec<Value>,
+) -> Value {
     json!({
         "node": { "id": node_id, "cluster": "meshvm-test", "metadata": node_metadata },
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
@@ -173,8 +178,13 @@ fn envoy_command(config: &Path, log: &Path, admin_path: &Path) -> Command {
 
 fn write_config(dir: &Path, name: &str, config: &Value) -> (PathBuf, PathBuf, PathBuf) {
     let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("write bootstrap");
-    (path, dir.join(format!("{name}.log")), dir.join(format!("{name}.admin")))
+    std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json"))
+        .expect("write bootstrap");
+    (
+        path,
+        dir.join(format!("{name}.log")),
+        dir.join(format!("{name}.admin")),
+    )
 }
 
 impl Envoy {
@@ -192,7 +202,10 @@ impl Envoy {
         let deadline = Instant::now() + START_LIMIT;
         loop {
             if let Ok(Some(status)) = envoy.child.try_wait() {
-                panic!("envoy {name} exited with {status} during start-up:\n{}", envoy.logs());
+                panic!(
+                    "envoy {name} exited with {status} during start-up:\n{}",
+                    envoy.logs()
+                );
             }
             if let Some(addr) = std::fs::read_to_string(&admin_path)
                 .ok()
@@ -203,7 +216,11 @@ impl Envoy {
                     return envoy;
                 }
             }
-            assert!(Instant::now() < deadline, "envoy {name} did not become ready:\n{}", envoy.logs());
+            assert!(
+                Instant::now() < deadline,
+                "envoy {name} did not become ready:\n{}",
+                envoy.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -274,7 +291,10 @@ impl Drop for Envoy {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     conn.read_to_string(&mut raw)?;
     let status = raw
@@ -286,7 +306,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
 }
 
@@ -294,7 +318,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
 fn dechunk(mut raw: &str) -> String {
     let mut out = String::new();
     while let Some((size_line, rest)) = raw.split_once("\r\n") {
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
         if size == 0 || rest.len() < size {
             break;
         }
@@ -314,7 +339,11 @@ pub struct CurlResult {
 
 /// Sends a request with curl. `tls`: (root to verify the server, client
 /// certificate or none).
-pub fn curl(url: &str, headers: &[(&str, &str)], tls: Option<(&Path, Option<&CertFiles>)>) -> CurlResult {
+pub fn curl(
+    url: &str,
+    headers: &[(&str, &str)],
+    tls: Option<(&Path, Option<&CertFiles>)>,
+) -> CurlResult {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"]);
     for (k, v) in headers {

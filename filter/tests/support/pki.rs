@@ -25,7 +25,9 @@ impl TestCa {
     /// Creates a CA and writes its root certificate to `dir/root-cert.pem`.
     pub fn new(dir: &Path, name: &str) -> TestCa {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::OrganizationName, name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().expect("CA key");
@@ -43,7 +45,9 @@ impl TestCa {
     /// `localhost`/127.0.0.1 so it also serves as a server certificate).
     pub fn issue(&self, file_stem: &str, uri_sans: &[&str]) -> CertFiles {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::OrganizationName, "meshvm test");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "meshvm test");
         params.subject_alt_names = uri_sans
             .iter()
             .map(|u| SanType::URI(u.to_string().try_into().expect("ia5 URI")))

@@ -11,7 +11,7 @@ use crate::peer_metadata::{self, NodeMetadata, PeerInfo};
 use crate::spiffe;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use std::rc::Rc;
 
 /// Reads a property, treating any failure as absent.
@@ -66,6 +66,14 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        // Log no more than Envoy will print: formatting a message that the
+        // host then drops costs a host call on the request path.
+        let level = match hostcalls::get_log_level() {
+            Ok(LogLevel::Critical) => LogLevel::Error,
+            Ok(level) => level,
+            Err(_) => LogLevel::Info,
+        };
+        proxy_wasm::set_log_level(level);
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
@@ -164,6 +172,49 @@ fn outbound_request(names: &HeaderNames, headers: &OutboundHeaders) {
     metrics::add(Counter::OutboundLabeled, 1);
 }
 
+/// What an inbound request brought that the filter cares about.
+struct Incoming<'a> {
+    /// Distinct names of reserved identity headers the caller sent.
+    forged: Vec<&'a str>,
+    /// How many reserved header values arrived (a name may repeat).
+    forged_count: i64,
+    peer_metadata: Option<&'a [u8]>,
+    has_peer_metadata_id: bool,
+}
+
+fn scan_headers<'a>(names: &HeaderNames, headers: &'a [(String, Vec<u8>)]) -> Incoming<'a> {
+    let mut incoming = Incoming {
+        forged: Vec::new(),
+        forged_count: 0,
+        peer_metadata: None,
+        has_peer_metadata_id: false,
+    };
+    for (name, value) in headers {
+        if names.is_reserved(name) {
+            incoming.forged_count += 1;
+            if !incoming.forged.contains(&name.as_str()) {
+                incoming.forged.push(name);
+            }
+        } else if *name == names.peer_metadata {
+            incoming.peer_metadata.get_or_insert(value);
+        } else if *name == names.peer_metadata_id {
+            incoming.has_peer_metadata_id = true;
+        }
+    }
+    incoming
+}
+
+/// The caller's URI SAN, only from a client certificate Envoy verified
+/// (`connection.mtls`); plaintext callers have none.
+fn authenticated_uri_san() -> Option<String> {
+    let mtls = property(&["connection", "mtls"]).is_some_and(|v| v.first() == Some(&1));
+    if !mtls {
+        return None;
+    }
+    let san = property(&["connection", "uri_san_peer_certificate"])?;
+    String::from_utf8(san).ok()
+}
+
 fn inbound_request(config: &FilterConfig) {
     let names = &config.headers;
     let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
@@ -173,52 +224,27 @@ fn inbound_request(config: &FilterConfig) {
             return;
         }
     };
+    let incoming = scan_headers(names, &headers);
 
     // 1. Nothing the caller sent may look like our labels.
-    let mut spoofed: Vec<&str> = Vec::new();
-    let mut spoofed_count = 0;
-    let mut peer_metadata: Option<&[u8]> = None;
-    let mut has_peer_metadata_id = false;
-    for (name, value) in &headers {
-        if names.is_reserved(name) {
-            spoofed_count += 1;
-            if !spoofed.contains(&name.as_str()) {
-                spoofed.push(name);
-            }
-        } else if *name == names.peer_metadata {
-            peer_metadata.get_or_insert(value);
-        } else if *name == names.peer_metadata_id {
-            has_peer_metadata_id = true;
-        }
-    }
-    for name in &spoofed {
+    for name in &incoming.forged {
         remove_header(name);
     }
-    if spoofed_count > 0 {
-        log::debug!("meshvm: removed {spoofed_count} identity header(s) sent by the caller");
-        metrics::add(Counter::SpoofedHeadersRemoved, spoofed_count);
+    if incoming.forged_count > 0 {
+        log::debug!(
+            "meshvm: removed {} identity header(s) sent by the caller",
+            incoming.forged_count
+        );
+        metrics::add(Counter::SpoofedHeadersRemoved, incoming.forged_count);
     }
 
-    // 2. The caller's identity, only from a verified client certificate.
-    let mtls = property(&["connection", "mtls"]).is_some_and(|v| v.first() == Some(&1));
-    let san = if mtls {
-        property(&["connection", "uri_san_peer_certificate"])
-    } else {
-        None
-    };
-    let identity = san
-        .as_deref()
-        .and_then(|san| match std::str::from_utf8(san) {
-            Ok(uri) => match spiffe::parse(uri) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    log::debug!("meshvm: peer URI SAN is not a workload identity: {e}");
-                    None
-                }
-            },
-            Err(_) => None,
-        });
-
+    // 2. The caller's identity, only from its verified certificate.
+    let san = authenticated_uri_san();
+    let identity = san.as_deref().and_then(|uri| {
+        spiffe::parse(uri)
+            .inspect_err(|e| log::debug!("meshvm: peer URI SAN is not a workload identity: {e}"))
+            .ok()
+    });
     match &identity {
         Some(id) => {
             set_header(&names.identity, id.uri);
@@ -230,7 +256,7 @@ fn inbound_request(config: &FilterConfig) {
     }
 
     // 3. Peer metadata describes the caller only when the caller is authenticated.
-    if let (Some(id), Some(raw)) = (&identity, peer_metadata) {
+    if let (Some(id), Some(raw)) = (&identity, incoming.peer_metadata) {
         match peer_metadata::decode_header(raw, config.max_peer_metadata_bytes) {
             Ok(info) => label_with_peer_info(names, &info, id.namespace),
             Err(e) => {
@@ -240,10 +266,10 @@ fn inbound_request(config: &FilterConfig) {
         }
     }
     if config.remove_peer_metadata_headers {
-        if peer_metadata.is_some() {
+        if incoming.peer_metadata.is_some() {
             remove_header(&names.peer_metadata);
         }
-        if has_peer_metadata_id {
+        if incoming.has_peer_metadata_id {
             remove_header(&names.peer_metadata_id);
         }
     }

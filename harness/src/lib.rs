@@ -28,6 +28,8 @@
 //! VMs started from one [`Harness`] share its compiled module, shared data,
 //! queues and clock, like VMs inside one Envoy process.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 mod clock;
 mod error;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use wasmtime::{Instance, Store, WasmParams, WasmResults};
 
-use crate::abi::{Action, LogLevel};
+use crate::abi::{Action, LogLevel, Status};
 use crate::error::HarnessError;
 use crate::harness::{Harness, PluginBuilder};
 use crate::header_map::HeaderMap;
@@ -101,6 +101,7 @@ impl Plugin {
             pending_http_calls: BTreeMap::new(),
             last_http_token: 0,
             http_call_response: None,
+            call_status: None,
             grpc_calls: Vec::new(),
             last_grpc_token: 0,
             foreign_calls: Vec::new(),
@@ -187,39 +188,44 @@ impl Plugin {
         let data = self.store.data_mut();
         data.current_context = context;
         data.effective_context = context;
-        let stderr_mark = data.stderr.len();
+        let log_mark = data.logs.len();
         match typed.call(&mut self.store, params) {
             Ok(r) => Ok(Some(r)),
             Err(e) => {
                 self.failed = true;
-                Err(self.trap_error(export, context, &e, stderr_mark))
+                Err(self.trap_error(export, context, &e, log_mark))
             }
         }
     }
 
+    /// Builds the Trap error: the trap reason plus what the guest said at
+    /// Error/Critical level during the call (the SDK's panic hook logs the
+    /// panic message at Critical; std writes it to stderr, logged at Error).
     fn trap_error(
         &self,
         export: &str,
         context: u32,
         err: &wasmtime::Error,
-        stderr_mark: usize,
+        log_mark: usize,
     ) -> HarnessError {
         let reason = match err.downcast_ref::<wasmtime::Trap>() {
-            Some(trap) => format!("wasm trap: {trap}"),
+            Some(trap) => trap.to_string(),
             None => err.root_cause().to_string(),
         };
-        let stderr = self
+        let said: Vec<&str> = self
             .store
             .data()
-            .stderr
-            .get(stderr_mark..)
-            .unwrap_or_default();
-        let stderr = String::from_utf8_lossy(stderr);
-        let stderr = stderr.trim();
-        let message = if stderr.is_empty() {
+            .logs
+            .get(log_mark..)
+            .unwrap_or_default()
+            .iter()
+            .filter(|l| l.level >= LogLevel::Error)
+            .map(|l| l.message.trim())
+            .collect();
+        let message = if said.is_empty() {
             reason
         } else {
-            format!("{reason}; guest stderr: {stderr}")
+            format!("{reason}; guest said: {}", said.join(" | "))
         };
         HarnessError::Trap {
             context: format!("{export}(context {context})"),
@@ -768,13 +774,20 @@ impl Plugin {
                 size_arg(r.trailers.len()),
             )
         });
-        self.store.data_mut().http_call_response = response;
+        let data = self.store.data_mut();
+        if response.is_none() {
+            // What Envoy's onHttpCallFailure reports through proxy_get_status.
+            data.call_status = Some((Status::BrokenConnection.code() as u32, "reset".into()));
+        }
+        data.http_call_response = response;
         let result = self.call::<(i32, i32, i32, i32, i32), ()>(
             "proxy_on_http_call_response",
             root,
             (root as i32, token as i32, nh, nb, nt),
         );
-        self.store.data_mut().http_call_response = None;
+        let data = self.store.data_mut();
+        data.http_call_response = None;
+        data.call_status = None;
         result.map(|_| ())
     }
 

@@ -71,6 +71,8 @@ pub(crate) struct HostState {
     pub(crate) last_http_token: u32,
     /// Set only while `proxy_on_http_call_response` runs, as in Envoy.
     pub(crate) http_call_response: Option<CallResponse>,
+    /// What `proxy_get_status` reports during a callback (None: code 0, no message).
+    pub(crate) call_status: Option<(u32, String)>,
     pub(crate) grpc_calls: Vec<GrpcCall>,
     pub(crate) last_grpc_token: u32,
     pub(crate) foreign_calls: Vec<ForeignCall>,

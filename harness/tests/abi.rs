@@ -783,3 +783,51 @@ fn plugins_run_in_parallel_threads() {
         }
     });
 }
+
+#[test]
+fn response_body_buffers_while_paused_and_trailers_appear_at_the_end() {
+    let mut g = Guest::new();
+    let name = g.s("x-trailer");
+    let value = g.s("t");
+    let bang = g.s("!");
+    let harness = g.harness(&format!(
+        r#"
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (call $st (local.get $size))
+    (call $st (call $add_hv (i32.const 3) {name} {value}))
+    (call $st (call $set_buf (i32.const 1) (local.get $size) (i32.const 0) {bang}))
+    (i32.const 0))
+"#
+    ));
+    let mut plugin = harness.plugin().start().expect("starts");
+    let mut stream = plugin.http_stream().expect("stream");
+    let headers = [(":method", "GET"), (":path", "/"), (":authority", "a")];
+    assert_eq!(
+        stream.request_headers(&headers, true).expect("ok"),
+        Action::Continue
+    );
+    assert_eq!(
+        stream
+            .response_headers(&[(":status", "200")], false)
+            .expect("ok"),
+        Action::Continue
+    );
+    assert_eq!(
+        stream.response_body(b"ab", false).expect("ok"),
+        Action::Pause
+    );
+    assert_eq!(
+        stream.response_body(b"cd", true).expect("ok"),
+        Action::Continue
+    );
+    assert_eq!(stream.response_body_now(), b"abcd!");
+    assert_eq!(
+        stream.response_trailers_now(),
+        vec![("x-trailer".to_string(), "t".to_string())]
+    );
+    stream.set_property(&["late"], "v");
+    assert_eq!(stream.property(&["late"]), Some(b"v".to_vec()));
+    drop(stream);
+    assert_eq!(messages(&plugin), strs(&["st=04", "st=00", "st=00"]));
+}

@@ -1,6 +1,7 @@
 //! gRPC calls and streams: recorded with tokens so guests that use them keep
 //! working, but never answered (the harness emulates no gRPC upstream).
-//! `proxy_get_status` reports code 0 with an empty message.
+//! `proxy_get_status` reports code 0 with an empty message, except during the
+//! callback of a failed HTTP call (BrokenConnection, "reset"), as in Envoy.
 
 use std::time::Duration;
 
@@ -169,6 +170,7 @@ fn get_status(
     ptr_ptr: i32,
     size_ptr: i32,
 ) -> HostResult {
-    memory::write_u32(c, code_ptr, 0)?;
-    memory::copy_out(c, &[], ptr_ptr, size_ptr)
+    let (code, message) = c.data().call_status.clone().unwrap_or_default();
+    memory::write_u32(c, code_ptr, code)?;
+    memory::copy_out(c, message.as_bytes(), ptr_ptr, size_ptr)
 }

@@ -275,47 +275,26 @@ fn outbound_sends_istio_peer_metadata_that_istio_can_decode() {
     let values = seen.header_all("x-envoy-peer-metadata");
     assert_eq!(values.len(), 1, "{values:?}");
     let metadata = support::decode_istio_peer_metadata(values[0]);
-    let string = |v: &prost_types::Value| match &v.kind {
-        Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
-        other => panic!("expected a string, got {other:?}"),
-    };
-    let mut keys: Vec<&str> = metadata.fields.keys().map(String::as_str).collect();
-    keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "CLUSTER_ID",
-            "LABELS",
-            "NAME",
-            "NAMESPACE",
-            "OWNER",
-            "WORKLOAD_NAME"
-        ]
-    );
+    let (fields, labels) = support::peer_metadata_maps(&metadata);
     let expected = vm_node_metadata();
-    for key in ["CLUSTER_ID", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"] {
-        assert_eq!(string(&metadata.fields[key]), expected[key], "{key}");
-    }
-    let Some(prost_types::value::Kind::StructValue(labels)) = &metadata.fields["LABELS"].kind
-    else {
-        panic!("LABELS is not a struct");
-    };
-    let mut labels: Vec<(String, String)> = labels
-        .fields
-        .iter()
-        .map(|(k, v)| (k.clone(), string(v)))
-        .collect();
-    labels.sort();
+    let expected_field = |k: &str| expected[k].as_str().unwrap();
+    assert_eq!(
+        fields,
+        support::map(&[
+            ("CLUSTER_ID", expected_field("CLUSTER_ID")),
+            ("NAME", expected_field("NAME")),
+            ("NAMESPACE", expected_field("NAMESPACE")),
+            ("OWNER", expected_field("OWNER")),
+            ("WORKLOAD_NAME", expected_field("WORKLOAD_NAME")),
+        ])
+    );
     assert_eq!(
         labels,
-        [
-            ("app".to_string(), "product".to_string()),
-            (
-                "service.istio.io/canonical-name".to_string(),
-                "product".to_string()
-            ),
-            ("version".to_string(), "v1".to_string()),
-        ]
+        support::map(&[
+            ("app", "product"),
+            ("service.istio.io/canonical-name", "product"),
+            ("version", "v1"),
+        ])
     );
     assert_eq!(
         envoy.counter("wasmcustom.meshvm.outbound.requests_labeled"),

@@ -388,25 +388,24 @@ fn outbound_requests_carry_our_peer_metadata() {
     let values = ex.request_header_all("x-envoy-peer-metadata");
     assert_eq!(values.len(), 1);
     let md = support::decode_istio_peer_metadata(values[0]);
-    let mut keys: Vec<&String> = md.fields.keys().collect();
-    keys.sort();
+    let (fields, labels) = support::peer_metadata_maps(&md);
     assert_eq!(
-        keys,
-        [
-            "CLUSTER_ID",
-            "LABELS",
-            "NAME",
-            "NAMESPACE",
-            "OWNER",
-            "WORKLOAD_NAME"
-        ]
+        fields,
+        support::map(&[
+            ("CLUSTER_ID", "vm-cluster"),
+            ("NAME", "product-vm-1"),
+            ("NAMESPACE", "default"),
+            (
+                "OWNER",
+                "kubernetes://apis/networking.istio.io/v1/namespaces/default/workloadgroups/product-vm"
+            ),
+            ("WORKLOAD_NAME", "product-vm"),
+        ])
     );
-    let Some(prost_types::value::Kind::StructValue(labels)) = &md.fields["LABELS"].kind else {
-        panic!("LABELS is not a struct")
-    };
-    let mut label_keys: Vec<&String> = labels.fields.keys().collect();
-    label_keys.sort();
-    assert_eq!(label_keys, ["app", "version"]);
+    assert_eq!(
+        labels,
+        support::map(&[("app", "product"), ("version", "v1")])
+    );
     assert_eq!(metric(&plugin, "outbound.requests_labeled"), 1);
 }
 

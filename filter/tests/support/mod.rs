@@ -62,3 +62,38 @@ pub fn decode_istio_peer_metadata(header: &str) -> prost_types::Struct {
         .expect("peer metadata is standard base64");
     prost_types::Struct::decode(bytes.as_slice()).expect("peer metadata is a protobuf Struct")
 }
+
+/// Decoded peer metadata as plain maps: top-level string fields, and the
+/// `LABELS` struct. Panics on a value of any other type (Istio sends strings).
+pub fn peer_metadata_maps(
+    metadata: &prost_types::Struct,
+) -> (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+) {
+    use prost_types::value::Kind;
+    let strings = |s: &prost_types::Struct| {
+        s.fields
+            .iter()
+            .filter(|(k, _)| *k != "LABELS")
+            .map(|(k, v)| match &v.kind {
+                Some(Kind::StringValue(s)) => (k.clone(), s.clone()),
+                other => panic!("{k} is not a string: {other:?}"),
+            })
+            .collect()
+    };
+    let labels = match metadata.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StructValue(l)) => strings(l),
+        None => Default::default(),
+        other => panic!("LABELS is not a struct: {other:?}"),
+    };
+    (strings(metadata), labels)
+}
+
+/// `[(k, v)]` as an owned map, for comparisons.
+pub fn map(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -3,6 +3,7 @@
 headers as JSON ({"headers": {...}}). Binds 127.0.0.1:0 and writes its port to
 the file given as argv[1]. Never used while measuring."""
 import json
+import os
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +26,5 @@ class Echo(BaseHTTPRequestHandler):
 srv = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
 with open(sys.argv[1] + ".tmp", "w") as f:
     f.write(str(srv.server_address[1]))
-import os
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 srv.serve_forever()

@@ -13,14 +13,24 @@
 # Every Envoy runs with --concurrency 1 on 127.0.0.1 ports chosen by the kernel
 # (listeners bind :0; ports are read back from the admin API).
 #
+# Before measuring, every variant is checked through an echo server (does the
+# app get the right headers?) and the Wasm VM must be active in Envoy's stats.
+# Measured: req/s with CONNECTIONS connections; p50/p99 with 1 connection
+# (closed loop); on-CPU time of the Envoy under test per request. Result:
+# a Markdown table on stdout and in $OUT.
+#
 # Knobs (environment):
-#   DURATION=5            seconds per measurement (each of: req/s, latency)
+#   DURATION=5            seconds of the req/s run, and number of 1-s latency
+#                         slices, per variant, direction and run
 #   CONNECTIONS=32        connections for the req/s measurement
 #   RUNS=3                repetitions, variants interleaved; medians reported
 #   WARMUP=1              seconds of load before each measurement (not counted)
-#   MESHVM_FILTER_WASM    the filter (default: $HOME/.cache/meshvm/target/
-#                         wasm32-wasip1/release/meshvm_filter.wasm)
+#   MESHVM_FILTER_WASM    the filter (default, under CARGO_TARGET_DIR or
+#                         $HOME/.cache/meshvm/target: meshvm/meshvm_filter.wasm
+#                         as `make wasm` ships it, else wasm32-wasip1/release/)
 #   VARIANTS="none wasm lua"   DIRECTIONS="inbound outbound"
+#                         (add "noop" for a calibration variant: the smallest
+#                         proxy-wasm filter, noop/noop.rs, built with rustc)
 #   PIN=1                 req/s: Envoy under test pinned to CPU 1, everything
 #                         else (wrk, client sidecar, upstream) to CPU 0;
 #                         latency (1 connection, serial): everything on CPU 0.
@@ -41,7 +51,13 @@ WARMUP=${WARMUP:-1}
 PIN=${PIN:-1}
 VARIANTS=${VARIANTS:-none wasm lua}
 DIRECTIONS=${DIRECTIONS:-inbound outbound}
-MESHVM_FILTER_WASM=${MESHVM_FILTER_WASM:-$HOME/.cache/meshvm/target/wasm32-wasip1/release/meshvm_filter.wasm}
+# Default filter: the shipped (wasm-opt'ed, `make wasm`) build if there is one,
+# else cargo's release output.
+_td=${CARGO_TARGET_DIR:-$HOME/.cache/meshvm/target}
+if [ -z "${MESHVM_FILTER_WASM:-}" ]; then
+  MESHVM_FILTER_WASM=$_td/wasm32-wasip1/release/meshvm_filter.wasm
+  [ -f "$_td/meshvm/meshvm_filter.wasm" ] && MESHVM_FILTER_WASM=$_td/meshvm/meshvm_filter.wasm
+fi
 OUT=${OUT:-$ROOT/bench/results/filter.md}
 ENVOY=${ENVOY:-envoy}
 
@@ -85,6 +101,11 @@ case " $VARIANTS " in
     [ "$(head -c4 "$MESHVM_FILTER_WASM" | od -An -tx1 | tr -d ' \n')" = 0061736d ] \
       || die "$MESHVM_FILTER_WASM is not a Wasm module (no \\0asm magic)"
     ;;
+esac
+
+case " $VARIANTS " in
+  *" noop "*) need rustc "https://rustup.rs, then: rustup target add wasm32-wasip1 (or drop noop from VARIANTS)";
+    [ "$missing" = 0 ] || die "the noop variant needs rustc";;
 esac
 
 # --- run directory and cleanup -----------------------------------------------
@@ -145,6 +166,16 @@ port_of() { $TOOLS listener-port "$W/$1.admin" "$2"; }
 log "== meshvm filter benchmark: Envoy $ENVOY_VERSION, DURATION=${DURATION}s CONNECTIONS=$CONNECTIONS RUNS=$RUNS PIN=$PIN"
 log "   run directory: $W"
 
+# Optional calibration variant "noop": the smallest proxy-wasm filter (does nothing).
+NOOP_WASM=$W/noop.wasm
+case " $VARIANTS " in
+  *" noop "*)
+    rustc --target wasm32-wasip1 --crate-type cdylib -C opt-level=3 -C panic=abort \
+      "$HERE/noop/noop.rs" -o "$NOOP_WASM" 2>"$W/noop.build.log" \
+      || { cat "$W/noop.build.log" >&2; die "cannot build noop.wasm (rustup target add wasm32-wasip1?)"; }
+    ;;
+esac
+
 # Upstream app and (for the correctness check only) the echo server.
 $ON_LOAD_CPU python3 "$HERE/echo.py" "$W/echo.port" >"$W/echo.log" 2>&1 &
 PIDS+=($!)
@@ -175,11 +206,13 @@ for dir in $DIRECTIONS; do
       $TOOLS render "$lua" "$HERE/lua/$dir.lua" \
         "PEER_METADATA=$DUT_PEER_METADATA" "PEER_METADATA_ID=$DUT_ID"
     fi
+    filters=$v wasm=$MESHVM_FILTER_WASM
+    if [ "$v" = noop ]; then filters=wasm wasm=$NOOP_WASM; fi
     $TOOLS render "$W/$name.yaml" "$TPL/dut.yaml" \
       "DIRECTION=$dir" "DUT_ID=$DUT_ID" "DUT_METADATA=$DUT_METADATA" \
       "UPSTREAM_PORT=$UPSTREAM_PORT" "ECHO_PORT=$ECHO_PORT" "CERT_DIR=$CERT_DIR" \
-      "WASM=$MESHVM_FILTER_WASM" "LUA_FILE=$lua" \
-      "HTTP_FILTERS=@$TPL/filters-$v.yaml" "LISTENER_TLS=$tls"
+      "WASM=$wasm" "LUA_FILE=$lua" \
+      "HTTP_FILTERS=@$TPL/filters-$filters.yaml" "LISTENER_TLS=$tls"
     start_envoy "$name" "$W/$name.yaml" "$ON_DUT_CPU"
   done
 done
@@ -215,13 +248,13 @@ for dir in $DIRECTIONS; do
       -H 'X-Mesh-Peer-Extra: spoofed' "$url/__echo") || die "$dir/$v: echo request failed"
     [ "$code" = 200 ] || { cat "$W/check_${dir}_$v.json" >&2; die "$dir/$v: /__echo returned $code"; }
     $TOOLS check "$dir" "$v" "$W/check_${dir}_$v.json" >&2 || die "$dir/$v: the filter did not do its work (see above)"
-    if [ "$v" = wasm ]; then
+    if [ "$v" = wasm ] || [ "$v" = noop ]; then
       stats=$(curl -sS "$(admin "dut_${dir}_$v")/stats?filter=wasm")
       active=$(printf '%s\n' "$stats" | sed -n 's/^wasm\.envoy\.wasm\.runtime\.v8\.active: //p')
-      [ "${active:-0}" -ge 1 ] || { printf '%s\n' "$stats" >&2; die "$dir/wasm: no active V8 Wasm VM (stats above)"; }
+      [ "${active:-0}" -ge 1 ] || { printf '%s\n' "$stats" >&2; die "$dir/$v: no active V8 Wasm VM (stats above)"; }
       log "         V8 VMs active: $active; filter counters: $(curl -sS "$(admin "dut_${dir}_$v")/stats?filter=wasmcustom" | tr '\n' ' ')"
       if grep -iE 'wasm.*(error|fail|panic)|(error|fail|panic).*wasm' "$W/dut_${dir}_$v.log" >&2; then
-        die "$dir/wasm: Wasm errors in the Envoy log (above)"
+        die "$dir/$v: Wasm errors in the Envoy log (above)"
       fi
     fi
   done
@@ -249,7 +282,7 @@ wrk_cell() {
   $TOOLS wrk-parse "$out" "$4" || die "$4: see $out (FAIL_CLOSED: a failed Wasm VM answers 503)"
 }
 # cpu_ns PID: on-CPU time of all threads of PID, in ns.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d\n", s}'; }
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 per_req() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN {printf "%.2f\n", (b - a) / 1000 / n}'; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 # move_dut CPUS: (PIN=1) pin every thread of every Envoy under test to CPUS.
@@ -342,7 +375,7 @@ fi
 params="Envoy $ENVOY_VERSION, every Envoy \`--concurrency 1\`, no access logs, HTTP/1.1, $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), loopback; $pinning; DURATION=${DURATION}s, CONNECTIONS=$CONNECTIONS, RUNS=$RUNS, WARMUP=${WARMUP}s. Other processes on the machine used $IDLE_FOREIGN before and $RUN_FOREIGN during the measurements."
 mkdir -p "$(dirname "$OUT")"
 echo
-$TOOLS report "$TSV" "$OUT" "${WASM_SIZE:+$MESHVM_FILTER_WASM}" "$params"
+CONNECTIONS=$CONNECTIONS $TOOLS report "$TSV" "$OUT" "${WASM_SIZE:+$MESHVM_FILTER_WASM}" "$params"
 echo
 if [ -n "$WASM_SIZE" ]; then echo "meshvm_filter.wasm size: $WASM_SIZE bytes"; fi
 log "written: $OUT"

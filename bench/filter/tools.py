@@ -301,6 +301,9 @@ def check(direction, variant, echo_file):
         got = {k.lower(): v for k, v in json.load(f)["headers"].items()}
     errors = []
     mesh = {k: v for k, v in got.items() if k.startswith("x-mesh-peer-")}
+    shown = variant
+    if variant == "noop":  # the calibration filter changes nothing
+        variant = "none"
     if direction == "inbound":
         if variant == "none":
             # Baseline: nothing removed, nothing added; the spoofed headers pass.
@@ -346,13 +349,13 @@ def check(direction, variant, echo_file):
                           "serialization of its content" % (direction, variant))
         # Spoofed inbound-identity headers are not the outbound filter's business.
     if errors:
-        print("FAIL %s/%s: upstream received:" % (direction, variant))
+        print("FAIL %s/%s: upstream received:" % (direction, shown))
         for k in sorted(got):
             print("    %s: %s" % (k, got[k]))
         for e in errors:
             print("  - " + e)
         sys.exit(1)
-    print("  ok   %-8s %-5s %s" % (direction, variant,
+    print("  ok   %-8s %-5s %s" % (direction, shown,
                                    "(%d x-mesh-peer-* headers)" % len(mesh) if direction == "inbound" else
                                    "(x-envoy-peer-metadata %s)" % ("present" if "x-envoy-peer-metadata" in got else "absent")))
 
@@ -434,7 +437,8 @@ def foreign_over(f0, f1, pct):
     sys.exit(0 if fp + st > float(pct) else 1)
 
 
-VARIANT_NAMES = {"none": "no filter", "wasm": "meshvm Wasm", "lua": "Lua"}
+VARIANT_NAMES = {"none": "no filter", "noop": "no-op Wasm (floor)", "wasm": "meshvm Wasm", "lua": "Lua"}
+ORDER = ["none", "noop", "wasm", "lua"]
 
 
 def _q(xs, q):
@@ -448,20 +452,27 @@ def _q(xs, q):
 
 
 def report(tsv, out_md, wasm_path, params):
-    # tsv columns: direction variant run kind rps p50_us p99_us cpu_us_per_req
+    # tsv columns: direction variant run kind rps|requests p50_us p99_us cpu_us_per_req
+    # kind "tput": CONNECTIONS connections; kind "lat": one 1-s slice, 1 connection
     rows = {}
     with open(tsv) as f:
         for line in f:
             d, v, run, kind, rps, p50, p99, cpu = line.split()
-            r = rows.setdefault((d, v), {"rps": [], "cpu": [], "p50": [], "p99": []})
+            r = rows.setdefault((d, v), {"rps": [], "cpu": [], "p50": [], "p99": [], "cpu1": []})
             if kind == "tput":
                 r["rps"].append(float(rps))
                 r["cpu"].append(float(cpu))
             else:
                 r["p50"].append(float(p50))
                 r["p99"].append(float(p99))
+                r["cpu1"].append(float(cpu))
     med = {k: {m: (statistics.median(x) if x else float("nan")) for m, x in r.items()} for k, r in rows.items()}
     size = os.path.getsize(wasm_path) if wasm_path and os.path.exists(wasm_path) else None
+    digest = None
+    if size is not None:
+        import hashlib
+        with open(wasm_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
 
     L = []
     L.append("| direction | variant | req/s | × no filter | p50 µs | p99 µs | +p50 µs | +p99 µs "
@@ -470,7 +481,7 @@ def report(tsv, out_md, wasm_path, params):
     verdicts = []
     for d in ("inbound", "outbound"):
         base = med.get((d, "none"))
-        for v in ("none", "wasm", "lua"):
+        for v in ORDER:
             m = med.get((d, v))
             if not m or not base:
                 continue
@@ -480,7 +491,7 @@ def report(tsv, out_md, wasm_path, params):
                 d + (" (mTLS)" if d == "inbound" else ""), VARIANT_NAMES[v], m["rps"],
                 "1.000" if dash else "%.3f" % (m["rps"] / base["rps"]), m["p50"], m["p99"],
                 rel(m["p50"] - base["p50"], "%+.0f"), rel(m["p99"] - base["p99"], "%+.0f"),
-                m["cpu"], rel(m["cpu"] - base["cpu"], "%+.1f"),
+                m["cpu1"], rel(m["cpu1"] - base["cpu1"], "%+.1f"),
                 "1.000" if dash else "%.3f" % (base["cpu"] / m["cpu"])))
         w, l = med.get((d, "wasm")), med.get((d, "lua"))
         if w and base:
@@ -494,8 +505,9 @@ def report(tsv, out_md, wasm_path, params):
                 verdicts.append("| %s | Wasm faster than Lua (req/s) | %.0f vs %.0f | %s |" % (
                     d, w["rps"], l["rps"], "PASS" if w["rps"] > l["rps"] else "FAIL"))
                 verdicts.append("| %s | Wasm cheaper than Lua (+CPU µs/req) | %+.1f vs %+.1f | %s |" % (
-                    d, w["cpu"] - base["cpu"], l["cpu"] - base["cpu"], "PASS" if w["cpu"] < l["cpu"] else "FAIL"))
+                    d, w["cpu1"] - base["cpu1"], l["cpu1"] - base["cpu1"], "PASS" if w["cpu1"] < l["cpu1"] else "FAIL"))
 
+    CONN = os.environ.get("CONNECTIONS", "?")
     doc = []
     doc.append("# meshvm filter benchmark")
     doc.append("")
@@ -503,23 +515,31 @@ def report(tsv, out_md, wasm_path, params):
     doc.append("")
     doc.append("Setup: %s" % params)
     doc.append("")
-    doc.append("meshvm filter: `%s`, **%s bytes**." % (
-        wasm_path or "-", "{:,}".format(size) if size is not None else "n/a"))
+    busy = [float(x) for x in re.findall(r"used (\d+)% of the CPUs", params)]
+    if busy and max(busy) > 5:
+        doc.append("**Warning: other processes used up to %.0f%% of the CPUs; p99 and req/s are disturbed. "
+                   "CPU µs/req and p50 (medians) are the robust numbers here.**" % max(busy))
+        doc.append("")
+    doc.append("meshvm filter: `%s`, **%s bytes**%s." % (
+        wasm_path or "-", "{:,}".format(size) if size is not None else "n/a",
+        ", sha256 %s…" % digest if digest else ""))
     doc.append("")
     doc.extend(L)
     doc.append("")
-    doc.append("- **req/s**: `wrk -t1 -c$CONNECTIONS`, closed loop, median of the runs; × no filter = ratio of medians.")
+    doc.append("- **req/s**: `wrk -t1 -c%s`, closed loop, median of the runs; × no filter = ratio of medians." % CONN)
     doc.append("- **p50/p99**: one connection, closed loop (`wrk -t1 -c1`), whole chain, median over 1-s slices "
                "(variants interleaved slice by slice); +p50/+p99 = difference to no filter.")
     doc.append("- **Envoy CPU µs/req**: on-CPU time of the Envoy under test (all threads, /proc/PID/task/*/schedstat) "
-               "during the req/s measurement ÷ requests; +CPU = difference to no filter, i.e. the filter's cost per request; "
-               "capacity × no filter = no-filter CPU/req ÷ variant CPU/req, the req/s ratio of an Envoy whose worker is CPU-bound. "
-               "On this box the Envoy under test is not the bottleneck of the req/s run (the client sidecar, upstream and wrk share "
-               "the other CPU), so the req/s ratio also reflects the added latency in a closed loop.")
+               "÷ requests, during the 1-connection slices (median); +CPU = difference to no filter: the filter's cost per request.")
+    doc.append("- **capacity × no filter**: no-filter CPU/req ÷ variant CPU/req measured during the req/s run (batched, "
+               "%s connections): the req/s ratio of an Envoy whose worker is CPU-bound. On this box the Envoy under test is "
+               "not saturated in the req/s run (client sidecar, upstream and wrk share the other CPU), so the req/s ratio is "
+               "that of this whole chain, where the filter also lengthens each connection's round trip." % CONN)
     doc.append("- Variants: *no filter* = router only; *meshvm Wasm* = `envoy.filters.http.wasm`, V8, FAIL_CLOSED; "
                "*Lua* = `envoy.filters.http.lua`, inbound: remove `x-mesh-peer-*`, SPIFFE URI SAN → 3 headers, base64 + "
                "protobuf Struct decode of `x-envoy-peer-metadata` in pure Lua → 4 headers, remove the 2 Istio headers; "
-               "outbound: set the 2 Istio headers to precomputed values.")
+               "outbound: set the 2 Istio headers to precomputed values; *no-op Wasm* (optional) = a proxy-wasm "
+               "module that exports the same callbacks and does nothing (bench/filter/noop/noop.rs): Envoy's Wasm floor.")
     doc.append("")
     if verdicts:
         doc.append("Targets:")
@@ -530,11 +550,13 @@ def report(tsv, out_md, wasm_path, params):
         doc.append("")
     doc.append("<details><summary>Spread</summary>")
     doc.append("")
-    doc.append("| direction | variant | req/s per run | CPU µs/req per run | p50 µs (slices: min / median / max) | p99 µs (slices: min / q25 / median / q75 / max) |")
-    doc.append("|---|---|---|---|---|---|")
-    for (d, v), r in sorted(rows.items(), key=lambda kv: (kv[0][0], ["none", "wasm", "lua"].index(kv[0][1]))):
-        doc.append("| %s | %s | %s | %s | %.0f / %.0f / %.0f | %.0f / %.0f / %.0f / %.0f / %.0f |" % (
+    doc.append("| direction | variant | req/s per run | CPU µs/req per req/s run | CPU µs/req 1 conn (slices: min / median / max) "
+               "| p50 µs (slices: min / median / max) | p99 µs (slices: min / q25 / median / q75 / max) |")
+    doc.append("|---|---|---|---|---|---|---|")
+    for (d, v), r in sorted(rows.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]))):
+        doc.append("| %s | %s | %s | %s | %.1f / %.1f / %.1f | %.0f / %.0f / %.0f | %.0f / %.0f / %.0f / %.0f / %.0f |" % (
             d, VARIANT_NAMES[v], " ".join("%.0f" % x for x in r["rps"]), " ".join("%.1f" % x for x in r["cpu"]),
+            min(r["cpu1"]), statistics.median(r["cpu1"]), max(r["cpu1"]),
             min(r["p50"]), statistics.median(r["p50"]), max(r["p50"]),
             min(r["p99"]), _q(r["p99"], .25), statistics.median(r["p99"]), _q(r["p99"], .75), max(r["p99"])))
     doc.append("")

@@ -13,6 +13,7 @@ extern crate alloc;
 
 pub mod base64;
 pub mod config;
+pub mod inbound;
 pub mod pairs;
 pub mod pbstruct;
 pub mod peer_metadata;

@@ -5,10 +5,10 @@
 //! the trait helpers unwrap and would abort the VM on an unexpected status.
 
 use crate::config::{Direction, FilterConfig, HeaderNames};
+use crate::inbound;
 use crate::metrics::{self, Counter};
 use crate::pairs;
-use crate::peer_metadata::{self, NodeMetadata, PeerInfo};
-use crate::spiffe;
+use crate::peer_metadata::{self, NodeMetadata};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
@@ -172,51 +172,7 @@ fn outbound_request(names: &HeaderNames, headers: &OutboundHeaders) {
     metrics::add(Counter::OutboundLabeled, 1);
 }
 
-/// What an inbound request brought that the filter cares about.
-struct Incoming<'a> {
-    /// Distinct names of reserved identity headers the caller sent.
-    forged: Vec<&'a str>,
-    /// How many reserved header values arrived (a name may repeat).
-    forged_count: i64,
-    peer_metadata: Option<&'a [u8]>,
-    has_peer_metadata_id: bool,
-}
-
-fn scan_headers<'a>(names: &HeaderNames, headers: &'a [(String, Vec<u8>)]) -> Incoming<'a> {
-    let mut incoming = Incoming {
-        forged: Vec::new(),
-        forged_count: 0,
-        peer_metadata: None,
-        has_peer_metadata_id: false,
-    };
-    for (name, value) in headers {
-        if names.is_reserved(name) {
-            incoming.forged_count += 1;
-            if !incoming.forged.contains(&name.as_str()) {
-                incoming.forged.push(name);
-            }
-        } else if *name == names.peer_metadata {
-            incoming.peer_metadata.get_or_insert(value);
-        } else if *name == names.peer_metadata_id {
-            incoming.has_peer_metadata_id = true;
-        }
-    }
-    incoming
-}
-
-/// The caller's URI SAN, only from a client certificate Envoy verified
-/// (`connection.mtls`); plaintext callers have none.
-fn authenticated_uri_san() -> Option<String> {
-    let mtls = property(&["connection", "mtls"]).is_some_and(|v| v.first() == Some(&1));
-    if !mtls {
-        return None;
-    }
-    let san = property(&["connection", "uri_san_peer_certificate"])?;
-    String::from_utf8(san).ok()
-}
-
 fn inbound_request(config: &FilterConfig) {
-    let names = &config.headers;
     let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
         Ok(headers) => headers,
         Err(status) => {
@@ -224,77 +180,40 @@ fn inbound_request(config: &FilterConfig) {
             return;
         }
     };
-    let incoming = scan_headers(names, &headers);
+    // Present only when the caller presented a client certificate that the
+    // listener's TLS context verified, i.e. on mTLS connections; Envoy's
+    // `connection.mtls` would add a host call and no information.
+    let uri_san = property(&["connection", "uri_san_peer_certificate"]);
+    let labeling = inbound::label_request(config, headers, uri_san.as_deref());
 
-    // 1. Nothing the caller sent may look like our labels.
-    for name in &incoming.forged {
-        remove_header(name);
+    if let Some(headers) = &labeling.headers {
+        let pairs = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_slice()))
+            .collect();
+        if let Err(status) = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs) {
+            log::warn!("meshvm: cannot rewrite request headers: {status:?}");
+        }
     }
-    if incoming.forged_count > 0 {
+    if labeling.forged_removed > 0 {
         log::debug!(
             "meshvm: removed {} identity header(s) sent by the caller",
-            incoming.forged_count
+            labeling.forged_removed
         );
-        metrics::add(Counter::SpoofedHeadersRemoved, incoming.forged_count);
-    }
-
-    // 2. The caller's identity, only from its verified certificate.
-    let san = authenticated_uri_san();
-    let identity = san.as_deref().and_then(|uri| {
-        spiffe::parse(uri)
-            .inspect_err(|e| log::debug!("meshvm: peer URI SAN is not a workload identity: {e}"))
-            .ok()
-    });
-    match &identity {
-        Some(id) => {
-            set_header(&names.identity, id.uri);
-            set_header(&names.namespace, id.namespace);
-            set_header(&names.service_account, id.service_account);
-            metrics::add(Counter::InboundLabeled, 1);
-        }
-        None => metrics::add(Counter::PeerIdentityMissing, 1),
-    }
-
-    // 3. Peer metadata describes the caller only when the caller is authenticated.
-    if let (Some(id), Some(raw)) = (&identity, incoming.peer_metadata) {
-        match peer_metadata::decode_header(raw, config.max_peer_metadata_bytes) {
-            Ok(info) => label_with_peer_info(names, &info, id.namespace),
-            Err(e) => {
-                log::debug!("meshvm: ignoring peer metadata from {}: {e}", id.uri);
-                metrics::add(Counter::PeerMetadataMalformed, 1);
-            }
-        }
-    }
-    if config.remove_peer_metadata_headers {
-        if incoming.peer_metadata.is_some() {
-            remove_header(&names.peer_metadata);
-        }
-        if incoming.has_peer_metadata_id {
-            remove_header(&names.peer_metadata_id);
-        }
-    }
-}
-
-fn label_with_peer_info(names: &HeaderNames, info: &PeerInfo, authenticated_namespace: &str) {
-    // The certificate is the authority on the namespace; metadata that claims
-    // another one is not about this caller.
-    if let Some(ns) = &info.namespace
-        && ns != authenticated_namespace
-    {
-        log::debug!(
-            "meshvm: ignoring peer metadata claiming namespace {ns:?}; certificate says {authenticated_namespace:?}"
+        metrics::add(
+            Counter::SpoofedHeadersRemoved,
+            labeling.forged_removed as i64,
         );
+    }
+    match &labeling.identity {
+        Ok(_) => metrics::add(Counter::InboundLabeled, 1),
+        Err(why) => {
+            log::debug!("meshvm: no peer identity: {why}");
+            metrics::add(Counter::PeerIdentityMissing, 1);
+        }
+    }
+    if let Some(why) = &labeling.metadata_problem {
+        log::debug!("meshvm: ignoring peer metadata: {why}");
         metrics::add(Counter::PeerMetadataMalformed, 1);
-        return;
-    }
-    for (name, value) in [
-        (&names.workload, &info.workload),
-        (&names.app, &info.app),
-        (&names.version, &info.version),
-        (&names.cluster, &info.cluster),
-    ] {
-        if let Some(value) = value {
-            set_header(name, value);
-        }
     }
 }

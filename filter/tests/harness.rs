@@ -148,6 +148,36 @@ fn an_mtls_caller_without_a_uri_san_has_no_identity() {
 }
 
 #[test]
+fn the_peer_certificate_is_read_once_per_connection() {
+    let mut plugin = inbound();
+    let on = |conn: u64, san: &str| {
+        HttpRequest::get("/")
+            .property(&["connection", "id"], property::uint(conn))
+            .mtls_peer(san)
+    };
+    let other = "spiffe://cluster.local/ns/other/sa/other";
+    let first = plugin.http_request(on(7, CALLER)).unwrap();
+    assert_eq!(first.request_header("x-mesh-peer-identity"), Some(CALLER));
+    // A connection's certificate cannot change; the filter does not ask again.
+    let again = plugin.http_request(on(7, other)).unwrap();
+    assert_eq!(again.request_header("x-mesh-peer-identity"), Some(CALLER));
+    // Another connection (even one sharing the cache slot) is read afresh.
+    for conn in [8, 7 + 256] {
+        let ex = plugin.http_request(on(conn, other)).unwrap();
+        assert_eq!(
+            ex.request_header("x-mesh-peer-identity"),
+            Some(other),
+            "connection {conn}"
+        );
+    }
+    // A plaintext connection is remembered as having no identity.
+    let plain = plugin
+        .http_request(HttpRequest::get("/").property(&["connection", "id"], property::uint(9)))
+        .unwrap();
+    assert_eq!(plain.request_header("x-mesh-peer-identity"), None);
+}
+
+#[test]
 fn malformed_spiffe_ids_are_not_identities() {
     let mut plugin = inbound();
     let bad = [

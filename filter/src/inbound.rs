@@ -29,13 +29,40 @@ pub struct Labeling {
     pub metadata_problem: Option<String>,
 }
 
+/// The last peer metadata decoded on a connection.
+///
+/// A calling sidecar sends the same `x-envoy-peer-metadata` on every request
+/// of a connection; keeping the last value and its decoding per connection
+/// turns the decode (base64 and protobuf, the filter's largest computation)
+/// into one comparison.
+#[derive(Debug, Clone, Default)]
+pub struct MetadataMemo {
+    raw: Vec<u8>,
+    decoded: Option<Result<PeerInfo, String>>,
+}
+
+impl MetadataMemo {
+    fn decode(&mut self, raw: &[u8], limit: usize) -> Result<PeerInfo, String> {
+        match &self.decoded {
+            Some(decoded) if self.raw == raw => decoded.clone(),
+            _ => {
+                let decoded = peer_metadata::decode_header(raw, limit).map_err(|e| e.to_string());
+                self.raw = raw.to_vec();
+                self.decoded = Some(decoded.clone());
+                decoded
+            }
+        }
+    }
+}
+
 /// Labels one inbound request. `uri_san` is the first URI SAN of the
 /// client certificate Envoy verified; `None` for a plaintext caller or a
-/// certificate without one.
+/// certificate without one. `memo` belongs to the request's connection.
 pub fn label_request(
     config: &FilterConfig,
     headers: Vec<Header>,
     uri_san: Option<&[u8]>,
+    memo: &mut MetadataMemo,
 ) -> Labeling {
     let names = &config.headers;
     let mut peer_metadata: Option<Vec<u8>> = None;
@@ -75,8 +102,8 @@ pub fn label_request(
         push(&mut kept, &names.service_account, id.service_account);
         // Peer metadata describes the caller only when the caller is authenticated.
         if let Some(raw) = &peer_metadata {
-            match peer_metadata::decode_header(raw, config.max_peer_metadata_bytes)
-                .map_err(|e| e.to_string())
+            match memo
+                .decode(raw, config.max_peer_metadata_bytes)
                 .and_then(|info| matching_namespace(info, id))
             {
                 Ok(info) => push_peer_info(&mut kept, names, &info),
@@ -178,7 +205,12 @@ mod tests {
             ("x-envoy-peer-metadata", &md),
             ("x-envoy-peer-metadata-id", "sidecar~x"),
         ]);
-        let out = label_request(&inbound(), input, Some(CALLER.as_bytes()));
+        let out = label_request(
+            &inbound(),
+            input,
+            Some(CALLER.as_bytes()),
+            &mut MetadataMemo::default(),
+        );
         assert_eq!(out.identity.as_deref(), Ok(CALLER));
         assert_eq!(out.forged_removed, 1);
         assert_eq!(out.metadata_problem, None);
@@ -202,7 +234,7 @@ mod tests {
     #[test]
     fn leaves_untouched_requests_alone() {
         let input = headers(&[(":method", "GET"), ("x-mesh-peers", "not ours")]);
-        let out = label_request(&inbound(), input, None);
+        let out = label_request(&inbound(), input, None, &mut MetadataMemo::default());
         assert_eq!(out.headers, None);
         assert_eq!(out.forged_removed, 0);
         assert!(out.identity.is_err());
@@ -212,7 +244,7 @@ mod tests {
     fn plaintext_callers_lose_forgeries_and_metadata() {
         let md = metadata(&[("WORKLOAD_NAME", "x")]);
         let input = headers(&[("x-mesh-peer-app", "a"), ("x-envoy-peer-metadata", &md)]);
-        let out = label_request(&inbound(), input, None);
+        let out = label_request(&inbound(), input, None, &mut MetadataMemo::default());
         assert_eq!(out.headers, Some(vec![]));
         assert_eq!(out.forged_removed, 1);
         assert_eq!(out.metadata_problem, None);
@@ -224,18 +256,70 @@ mod tests {
 
     #[test]
     fn explains_why_there_is_no_identity_or_metadata() {
-        let out = label_request(&inbound(), vec![], Some(b"spiffe://cluster.local/ns/a"));
+        let out = label_request(
+            &inbound(),
+            vec![],
+            Some(b"spiffe://cluster.local/ns/a"),
+            &mut MetadataMemo::default(),
+        );
         assert!(out.identity.unwrap_err().contains("/ns/<namespace>/sa/"));
-        let out = label_request(&inbound(), vec![], Some(&[0xff, 0xfe]));
+        let out = label_request(
+            &inbound(),
+            vec![],
+            Some(&[0xff, 0xfe]),
+            &mut MetadataMemo::default(),
+        );
         assert!(out.identity.unwrap_err().contains("UTF-8"));
 
         let other_ns = metadata(&[("NAMESPACE", "kube-system")]);
         let input = headers(&[("x-envoy-peer-metadata", &other_ns)]);
-        let out = label_request(&inbound(), input, Some(CALLER.as_bytes()));
+        let out = label_request(
+            &inbound(),
+            input,
+            Some(CALLER.as_bytes()),
+            &mut MetadataMemo::default(),
+        );
         assert!(out.metadata_problem.unwrap().contains("kube-system"));
         let input = headers(&[("x-envoy-peer-metadata", "***")]);
-        let out = label_request(&inbound(), input, Some(CALLER.as_bytes()));
+        let out = label_request(
+            &inbound(),
+            input,
+            Some(CALLER.as_bytes()),
+            &mut MetadataMemo::default(),
+        );
         assert!(out.metadata_problem.unwrap().contains("base64"));
+    }
+
+    #[test]
+    fn metadata_is_decoded_once_per_value_on_a_connection() {
+        let mut memo = MetadataMemo::default();
+        let a = metadata(&[("WORKLOAD_NAME", "a")]);
+        let b = metadata(&[("WORKLOAD_NAME", "b")]);
+        for (md, expected) in [(&a, b"a"), (&a, b"a"), (&b, b"b"), (&a, b"a")] {
+            let input = headers(&[("x-envoy-peer-metadata", md)]);
+            let out = label_request(&inbound(), input, Some(CALLER.as_bytes()), &mut memo);
+            assert_eq!(
+                get(&out.headers.unwrap(), "x-mesh-peer-workload"),
+                [expected]
+            );
+        }
+        // A remembered failure is still a failure, and still reported.
+        for _ in 0..2 {
+            let input = headers(&[("x-envoy-peer-metadata", "***")]);
+            let out = label_request(&inbound(), input, Some(CALLER.as_bytes()), &mut memo);
+            assert!(out.metadata_problem.unwrap().contains("base64"));
+        }
+        // The namespace check applies to the remembered metadata too.
+        let other_ns = metadata(&[("NAMESPACE", "kube-system")]);
+        let input = headers(&[("x-envoy-peer-metadata", &other_ns)]);
+        label_request(
+            &inbound(),
+            input.clone(),
+            Some(CALLER.as_bytes()),
+            &mut memo,
+        );
+        let out = label_request(&inbound(), input, Some(CALLER.as_bytes()), &mut memo);
+        assert!(out.metadata_problem.unwrap().contains("kube-system"));
     }
 
     #[test]
@@ -246,13 +330,21 @@ mod tests {
             ("x-envoy-peer-metadata", &md),
             ("x-envoy-peer-metadata-id", "id"),
         ]);
-        let out = label_request(&cfg, input, Some(CALLER.as_bytes()));
+        let out = label_request(
+            &cfg,
+            input,
+            Some(CALLER.as_bytes()),
+            &mut MetadataMemo::default(),
+        );
         let h = out.headers.unwrap();
         assert_eq!(get(&h, "x-envoy-peer-metadata"), [md.as_bytes()]);
         assert_eq!(get(&h, "x-envoy-peer-metadata-id"), [b"id"]);
         assert_eq!(get(&h, "x-mesh-peer-workload"), [b"ledger-v3"]);
         // Without an identity and with nothing forged, nothing changes.
         let input = headers(&[("x-envoy-peer-metadata", &md)]);
-        assert_eq!(label_request(&cfg, input, None).headers, None);
+        assert_eq!(
+            label_request(&cfg, input, None, &mut MetadataMemo::default()).headers,
+            None
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! the trait helpers unwrap and would abort the VM on an unexpected status.
 
 use crate::config::{Direction, FilterConfig, HeaderNames};
-use crate::inbound;
+use crate::inbound::{self, MetadataMemo};
 use crate::metrics::{self, Counter};
 use crate::pairs;
 use crate::peer_metadata::{self, NodeMetadata};
@@ -173,44 +173,51 @@ fn outbound_request(names: &HeaderNames, headers: &OutboundHeaders) {
     metrics::add(Counter::OutboundLabeled, 1);
 }
 
-/// Direct-mapped cache size for [`peer_uri_san`] (slots per Wasm VM, i.e. per worker).
-const SAN_CACHE_SLOTS: usize = 256;
+/// Connections remembered per Wasm VM (i.e. per worker), direct-mapped by id.
+const CONNECTION_SLOTS: usize = 256;
 
-/// A cached answer: the connection id and its URI SAN (if any).
-type SanSlot = Option<(u64, Option<Vec<u8>>)>;
-
-thread_local! {
-    static SAN_CACHE: RefCell<Vec<SanSlot>> = RefCell::new(vec![None; SAN_CACHE_SLOTS]);
+/// What the filter remembers about one downstream connection.
+#[derive(Clone)]
+struct ConnectionMemo {
+    id: u64,
+    uri_san: Option<Vec<u8>>,
+    metadata: MetadataMemo,
 }
 
-/// The caller's URI SAN, read once per connection.
+thread_local! {
+    static CONNECTIONS: RefCell<Vec<Option<ConnectionMemo>>> =
+        RefCell::new(vec![None; CONNECTION_SLOTS]);
+}
+
+const URI_SAN: [&str; 2] = ["connection", "uri_san_peer_certificate"];
+
+/// Runs `f` with the caller's URI SAN and the connection's metadata memo,
+/// reading the SAN once per connection.
 ///
 /// `connection.uri_san_peer_certificate` is present only when the caller
 /// presented a client certificate that the listener's TLS context verified,
-/// i.e. on mTLS connections (so `connection.mtls` would add nothing). Reading
-/// a TLS attribute is by far the most expensive host call the filter makes
-/// (about 20 µs in Envoy 1.40, measured with `make bench-filter`), while a
-/// connection's peer certificate never changes and Envoy's connection ids are
-/// never reused; so the answer is cached by connection id.
-fn peer_uri_san() -> Option<Vec<u8>> {
-    const URI_SAN: [&str; 2] = ["connection", "uri_san_peer_certificate"];
+/// i.e. on mTLS connections (so `connection.mtls` would add nothing). TLS
+/// attributes are among the most expensive host calls (the peer certificate
+/// is examined on each read), while a connection's peer certificate never
+/// changes and Envoy never reuses a connection id: so both the SAN and the
+/// last decoded peer metadata are kept per connection id.
+fn with_connection<R>(f: impl FnOnce(Option<&[u8]>, &mut MetadataMemo) -> R) -> R {
     let id = property(&["connection", "id"])
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map(u64::from_le_bytes);
     let Some(id) = id else {
-        return property(&URI_SAN);
+        return f(property(&URI_SAN).as_deref(), &mut MetadataMemo::default());
     };
-    let slot = (id % SAN_CACHE_SLOTS as u64) as usize;
-    let cached = SAN_CACHE.with(|cache| match &cache.borrow()[slot] {
-        Some((cached_id, san)) if *cached_id == id => Some(san.clone()),
-        _ => None,
+    let slot = (id % CONNECTION_SLOTS as u64) as usize;
+    let known = CONNECTIONS.with(|c| c.borrow_mut()[slot].take().filter(|m| m.id == id));
+    let mut memo = known.unwrap_or_else(|| ConnectionMemo {
+        id,
+        uri_san: property(&URI_SAN),
+        metadata: MetadataMemo::default(),
     });
-    if let Some(san) = cached {
-        return san;
-    }
-    let san = property(&URI_SAN);
-    SAN_CACHE.with(|cache| cache.borrow_mut()[slot] = Some((id, san.clone())));
-    san
+    let result = f(memo.uri_san.as_deref(), &mut memo.metadata);
+    CONNECTIONS.with(|c| c.borrow_mut()[slot] = Some(memo));
+    result
 }
 
 fn inbound_request(config: &FilterConfig) {
@@ -221,8 +228,8 @@ fn inbound_request(config: &FilterConfig) {
             return;
         }
     };
-    let uri_san = peer_uri_san();
-    let labeling = inbound::label_request(config, headers, uri_san.as_deref());
+    let labeling =
+        with_connection(|uri_san, memo| inbound::label_request(config, headers, uri_san, memo));
 
     if let Some(headers) = &labeling.headers {
         let pairs = headers

@@ -52,7 +52,9 @@ demo: wasm
 	$(CARGO) build -p meshvm-controlplane
 	MESHVM_BIN_DIR=$(TARGET_DIR)/debug scripts/demo-filter.sh
 
-## bench-filter: Envoy without the filter, with it, and with an equivalent Lua filter.
+## bench-filter: Envoy with no filter, a no-op Wasm module, the meshvm filter and an
+## equivalent Lua filter (~6 min; knobs: DURATION CONNECTIONS RUNS VARIANTS; writes
+## bench/results/filter.md).
 bench-filter: wasm
 	bench/filter/run.sh
 

@@ -521,7 +521,7 @@ def report(tsv, out_md, wasm_path, params):
                    "CPU µs/req and p50 (medians) are the robust numbers here.**" % max(busy))
         doc.append("")
     doc.append("meshvm filter: `%s`, **%s bytes**%s." % (
-        wasm_path or "-", "{:,}".format(size) if size is not None else "n/a",
+        os.path.basename(wasm_path) if wasm_path else "-", "{:,}".format(size) if size is not None else "n/a",
         ", sha256 %s…" % digest if digest else ""))
     doc.append("")
     doc.extend(L)

@@ -19,7 +19,7 @@ pub mod hosts;
 pub mod mesh;
 pub mod root_cert;
 pub mod secret;
-mod time;
+pub(crate) mod time;
 pub mod token;
 
 use std::collections::BTreeMap;

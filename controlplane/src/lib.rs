@@ -1,7 +1,27 @@
 //! meshvm's local control plane: a stand-in for istiod in tests and the demo.
 //!
-//! It is never a production control plane. Today it provides the echo app
-//! that plays a workload behind Envoy; the CA, xDS and WorkloadEntry
-//! lifecycle build on it.
+//! It is never a production control plane. It provides:
+//!
+//! - [`ca`]: the mesh CA (root, workload certificates, bootstrap tokens,
+//!   caller authentication, `IstioCertificateService` over TLS);
+//! - [`onboard`]: the onboarding files `istioctl x workload entry configure`
+//!   writes for a WorkloadGroup, made with this CA;
+//! - [`echo`]: the echo app that plays a workload behind Envoy.
 
+/// `impl From<$from> for $to` building `$to::$variant`: like thiserror's
+/// `#[from]`, without making the inner error a `source()` as well, since the
+/// variant's message already includes it (anyhow would print it twice).
+macro_rules! from_error {
+    ($from:ty => $to:ident :: $variant:ident) => {
+        impl From<$from> for $to {
+            fn from(e: $from) -> Self {
+                $to::$variant(e)
+            }
+        }
+    };
+}
+
+pub mod ca;
 pub mod echo;
+pub mod files;
+pub mod onboard;

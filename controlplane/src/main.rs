@@ -1,14 +1,44 @@
 //! `meshvm-controlplane`: the local stand-in for istiod used by meshvm's tests and demo.
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use meshvm_controlplane::ca::MeshCa;
+use meshvm_controlplane::ca::server::{ServeOptions, serve};
 use meshvm_controlplane::echo::EchoApp;
+use meshvm_controlplane::onboard::{self, OnboardOptions};
 
 #[derive(Parser)]
 #[command(name = "meshvm-controlplane", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args)]
+struct CaArgs {
+    /// Directory of the mesh CA (root, keys); created with a new root if
+    /// empty. Default: $XDG_STATE_HOME/meshvm/ca (~/.local/state/meshvm/ca).
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Trust domain of a new CA; an existing CA must have it.
+    #[arg(long)]
+    trust_domain: Option<String>,
+}
+
+impl CaArgs {
+    fn load(&self) -> anyhow::Result<MeshCa> {
+        let dir = match &self.ca_dir {
+            Some(dir) => dir.clone(),
+            None => default_ca_dir()?,
+        };
+        MeshCa::load_or_create(&dir, self.trust_domain.as_deref())
+            .with_context(|| format!("loading the mesh CA from {}", dir.display()))
+    }
 }
 
 #[derive(Subcommand)]
@@ -21,6 +51,63 @@ enum Command {
         /// Name the app reports in its answers.
         #[arg(long, default_value = "echo")]
         name: String,
+    },
+    /// Write a VM's onboarding files for a WorkloadGroup, as
+    /// `istioctl x workload entry configure` does.
+    Onboard {
+        /// The WorkloadGroup manifest.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        #[command(flatten)]
+        ca: CaArgs,
+        /// The cluster's id (ISTIO_META_CLUSTER_ID, the `ClusterID` header).
+        #[arg(long, default_value = onboard::DEFAULT_CLUSTER_ID)]
+        cluster_id: String,
+        /// The mesh id (mesh.yaml meshId, ISTIO_META_MESH_ID).
+        #[arg(long)]
+        mesh_id: Option<String>,
+        /// Lifetime of the bootstrap token: seconds, or with s/m/h.
+        #[arg(long, default_value = "3600s", value_parser = parse_duration)]
+        token_duration: Duration,
+        /// mesh.yaml discoveryAddress [default: istiod[-REV].istio-system.svc:15012].
+        #[arg(long)]
+        discovery_address: Option<String>,
+        /// A revisioned control plane (istiod-REV): CA_ADDR and the hosts name.
+        #[arg(long)]
+        revision: Option<String>,
+        /// The gateway address istiod is reached at (the `hosts` file).
+        #[arg(long)]
+        ingress_ip: Option<IpAddr>,
+        /// The VM's address (ISTIO_SVC_IP).
+        #[arg(long, conflicts_with = "external_ip")]
+        internal_ip: Option<IpAddr>,
+        /// The VM's address seen from outside (ISTIO_SVC_IP; probes go to localhost).
+        #[arg(long)]
+        external_ip: Option<IpAddr>,
+        /// Let the control plane create the VM's WorkloadEntry when it connects.
+        #[arg(long)]
+        autoregister: bool,
+        /// Capture the VM's DNS (ISTIO_META_DNS_CAPTURE).
+        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+              action = clap::ArgAction::Set)]
+        capture_dns: bool,
+    },
+    /// Serve the CA (istio.v1.auth.IstioCertificateService) over TLS.
+    Serve {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        listen: SocketAddr,
+        /// This cluster's id: `clusterid` headers must name it (or be empty).
+        #[arg(long, default_value = onboard::DEFAULT_CLUSTER_ID)]
+        cluster_id: String,
+        /// More DNS names for the serving certificate (e.g. istiod-canary.istio-system.svc).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
     },
 }
 
@@ -39,5 +126,106 @@ fn main() -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
+        Command::Onboard {
+            file,
+            output,
+            ca,
+            cluster_id,
+            mesh_id,
+            token_duration,
+            discovery_address,
+            revision,
+            ingress_ip,
+            internal_ip,
+            external_ip,
+            autoregister,
+            capture_dns,
+        } => {
+            let ca = ca.load()?;
+            let wg = onboard::read_workload_group(&file)?;
+            let options = OnboardOptions {
+                cluster_id,
+                mesh_id,
+                discovery_address,
+                revision,
+                ingress_ip,
+                internal_ip,
+                external_ip,
+                token_duration,
+                autoregister,
+                capture_dns,
+            };
+            let files = onboard::render(&wg, &options, &ca)?;
+            files.write_to(&output)?;
+            tracing::warn!(
+                namespace = wg.namespace(),
+                service_account = wg.service_account(),
+                path = %output.join(onboard::TOKEN_FILE).display(),
+                "a security token has been generated and stored"
+            );
+            println!(
+                "Configuration generation into directory {} was successful",
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Serve {
+            ca,
+            listen,
+            cluster_id,
+            dns_names,
+        } => {
+            let ca = Arc::new(ca.load()?);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("listening on {listen}"))?;
+                let options = ServeOptions {
+                    cluster_id,
+                    extra_dns_names: dns_names,
+                };
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                    tracing::info!("shutting down");
+                };
+                serve(ca, listener, options, shutdown).await?;
+                Ok(())
+            })
+        }
     }
+}
+
+fn default_ca_dir() -> anyhow::Result<PathBuf> {
+    let state = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; pass --ca-dir")?)
+            .join(".local/state"),
+    };
+    Ok(state.join("meshvm/ca"))
+}
+
+/// `3600`, `3600s`, `60m`, `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 3600s, 60m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("`{text}`: the unit is s, m or h")),
+    };
+    if secs == 0 {
+        return Err("the duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
 }

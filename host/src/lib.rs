@@ -5,5 +5,8 @@
 //! over the CA API, serve it to Envoy over SDS, proxy Envoy's xDS stream to
 //! the control plane and run the VM's DNS proxy.
 
+pub mod ca_client;
 pub mod config;
 pub mod identity;
+pub mod identity_manager;
+pub mod sds;

@@ -7,7 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use meshvm_agent::ca_client::{CaClient, CaClientOptions};
 use meshvm_agent::config::{Config, ConfigError, OnboardingPaths};
+use meshvm_agent::identity::{CertStore, KeyAlgorithm};
+use meshvm_agent::identity_manager::{IdentityManager, IdentityOptions};
+use meshvm_agent::sds::{self, SdsServer, WorkloadSecret};
+use std::sync::Arc;
 
 /// The meshvm VM agent: joins this VM to an Istio-compatible service mesh.
 #[derive(Parser)]
@@ -34,6 +39,20 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
+    },
+    /// Obtain the workload certificate from the mesh CA, keep it renewed, and
+    /// serve it to Envoy over SDS until SIGTERM or SIGINT.
+    Run {
+        /// Where the key, certificate chain and root are kept (0600).
+        /// Default: Istio's /etc/certs.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The Unix socket Envoy's SDS cluster connects to.
+        #[arg(long, value_name = "PATH", default_value = sds::DEFAULT_SOCKET_PATH)]
+        sds_socket: PathBuf,
+        /// Key algorithm for the workload key.
+        #[arg(long, default_value_t = KeyAlgorithm::EcdsaP256)]
+        key_algorithm: KeyAlgorithm,
     },
 }
 
@@ -93,6 +112,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .write_all(text.as_bytes())
                 .context("writing to stdout")?;
         }
+        Command::Run {
+            state_dir,
+            sds_socket,
+            key_algorithm,
+        } => {
+            let config = Config::load(&paths, &env)?;
+            let store = state_dir.map_or_else(CertStore::istio_vm, CertStore::new);
+            let mut options = IdentityOptions::from_config(&config, store);
+            options.key_algorithm = key_algorithm;
+            let client = CaClient::new(CaClientOptions::from_config(&config))?;
+            tracing::info!(identity = %config.spiffe_id(), "starting");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(serve_identity(client, options, &sds_socket))?;
+        }
     }
     Ok(())
+}
+
+/// Keeps the workload certificate current and serves it over SDS until a
+/// termination signal.
+async fn serve_identity(
+    client: CaClient,
+    options: IdentityOptions,
+    sds_socket: &std::path::Path,
+) -> anyhow::Result<()> {
+    let manager = IdentityManager::start(client, options);
+    let mut identities = manager.subscribe();
+    let (secrets, secrets_rx) = tokio::sync::watch::channel(None);
+    // Every identity the manager publishes becomes the SDS secrets.
+    let bridge = tokio::spawn(async move {
+        loop {
+            let current = identities.borrow_and_update().clone();
+            secrets
+                .send_replace(current.map(|id| Arc::new(WorkloadSecret::new(&id.key, &id.cert))));
+            if identities.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let server = SdsServer::bind(sds_socket, secrets_rx)
+        .with_context(|| format!("binding the SDS socket {}", sds_socket.display()))?;
+    server
+        .serve_with_shutdown(termination())
+        .await
+        .context("SDS server")?;
+    tracing::info!("shutting down");
+    bridge.abort();
+    manager.stop().await;
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }

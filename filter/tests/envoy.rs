@@ -6,10 +6,10 @@
 mod support;
 
 use meshvm_controlplane::echo::EchoApp;
+use meshvm_testing::envoy::{self, Envoy, curl};
+use meshvm_testing::pki::TestCa;
 use serde_json::{Value, json};
 use std::path::Path;
-use support::envoy::{self, Envoy, curl};
-use support::pki::TestCa;
 
 const VM_NODE_ID: &str = "sidecar~127.0.0.1~product-vm-1.default~default.svc.cluster.local";
 const VM_IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/product";

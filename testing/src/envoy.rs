@@ -2,7 +2,7 @@
 //! (admin and listeners on port 0, discovered through the admin API), and a
 //! curl client for requests.
 
-use super::pki::CertFiles;
+use crate::pki::CertFiles;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -135,20 +135,7 @@ fn openssl_verify(dir: &Path, root_pem: &str, leaf_pem: &str) {
     let leaf = dir.join("leaf.pem");
     std::fs::write(&root, root_pem).unwrap();
     std::fs::write(&leaf, leaf_pem).unwrap();
-    for purpose in ["sslclient", "sslserver"] {
-        let out = Command::new("openssl")
-            .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
-            .arg(&root)
-            .arg(&leaf)
-            .output()
-            .expect("openssl is installed");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.trim_end().ends_with(": OK"),
-            "openssl verify ({purpose}): {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    meshvm_testing::pki::assert_openssl_verifies(&root, &leaf);
 }
 
 #[tokio::test(flavor = "current_thread")]

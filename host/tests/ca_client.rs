@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -97,25 +96,6 @@ fn fast_options(dir: &Path, roots: RootCerts, ttl: Duration) -> IdentityOptions 
             jitter: 0.2,
         },
         min_renew_delay: Duration::from_millis(500),
-    }
-}
-
-/// `openssl verify` of the stored chain against the CA root, our code not
-/// involved.
-fn openssl_verify(root: &Path, chain: &Path) {
-    for purpose in ["sslclient", "sslserver"] {
-        let out = Command::new("openssl")
-            .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
-            .arg(root)
-            .arg(chain)
-            .output()
-            .expect("openssl is installed");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.trim_end().ends_with(": OK"),
-            "openssl verify ({purpose}): {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 }
 
@@ -265,7 +245,7 @@ async fn short_certificates_are_renewed_over_mtls_and_published() {
         assert_eq!(mode, 0o600, "{}", path.display());
     }
     let root = tmp.path().join("ca/root-cert.pem");
-    openssl_verify(&root, &store.cert_chain_path());
+    meshvm_testing::pki::assert_openssl_verifies(&root, &store.cert_chain_path());
     server.stop().await;
 }
 

@@ -77,3 +77,23 @@ impl TestCa {
         files
     }
 }
+
+/// Asserts that the real `openssl verify` accepts `chain` (PEM, leaf first)
+/// against `root`, for both TLS client and server use: a check of issued
+/// certificates that involves none of our code.
+pub fn assert_openssl_verifies(root: &Path, chain: &Path) {
+    for purpose in ["sslclient", "sslserver"] {
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
+            .arg(root)
+            .arg(chain)
+            .output()
+            .expect("openssl is installed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.trim_end().ends_with(": OK"),
+            "openssl verify ({purpose}): {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -53,8 +53,35 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest workload certificate TTL (`MAX_WORKLOAD_CERT_TTL`).
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How far back `notBefore` is set, for clock skew (istio
-/// `ClockSkewGracePeriod`).
+/// `ClockSkewGracePeriod`); a workload certificate shorter than ten times
+/// this is backdated by a tenth of its lifetime instead, so that a short TTL
+/// (tests, demos) still renews near the middle of the time it was asked for.
 pub const CLOCK_SKEW_GRACE: Duration = Duration::from_secs(120);
+
+/// The workload certificate lifetimes the CA grants
+/// (`DEFAULT_WORKLOAD_CERT_TTL`, `MAX_WORKLOAD_CERT_TTL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertTtlPolicy {
+    /// Granted when the request asks for none (or zero).
+    pub default: Duration,
+    /// Longer requests are refused, as istiod refuses them.
+    pub max: Duration,
+}
+
+impl Default for CertTtlPolicy {
+    /// Istio's: 24 h by default, at most 90 days.
+    fn default() -> Self {
+        Self {
+            default: DEFAULT_CERT_TTL,
+            max: MAX_CERT_TTL,
+        }
+    }
+}
+
+/// How far back a workload certificate of lifetime `ttl` starts.
+pub fn workload_backdate(ttl: Duration) -> Duration {
+    CLOCK_SKEW_GRACE.min(ttl / 10)
+}
 /// Lifetime of a new root.
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Lifetime of the serving certificate made at each start.
@@ -153,6 +180,7 @@ pub struct MeshCa {
     root_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     tokens: TokenIssuer,
+    ttl_policy: CertTtlPolicy,
 }
 
 impl fmt::Debug for MeshCa {
@@ -252,7 +280,19 @@ impl MeshCa {
             root_der,
             issuer,
             tokens,
+            ttl_policy: CertTtlPolicy::default(),
         })
+    }
+
+    /// The same CA granting `policy`'s lifetimes.
+    pub fn with_ttl_policy(mut self, policy: CertTtlPolicy) -> Self {
+        self.ttl_policy = policy;
+        self
+    }
+
+    /// The lifetimes this CA grants.
+    pub fn ttl_policy(&self) -> CertTtlPolicy {
+        self.ttl_policy
     }
 
     /// The directory the CA lives in.
@@ -285,8 +325,8 @@ impl MeshCa {
     ///
     /// The CSR's self-signature must verify; its subject and SANs are
     /// ignored: the certificate carries exactly `identity` as URI SAN.
-    /// `requested_ttl` `None` or zero means [`DEFAULT_CERT_TTL`]; more than
-    /// [`MAX_CERT_TTL`] is refused.
+    /// `requested_ttl` `None` or zero means the policy's default; more than
+    /// its maximum is refused (see [`MeshCa::with_ttl_policy`]).
     pub fn issue(
         &self,
         csr_pem: &str,
@@ -294,11 +334,11 @@ impl MeshCa {
         requested_ttl: Option<Duration>,
     ) -> Result<Vec<String>, IssueError> {
         let ttl = match requested_ttl {
-            None | Some(Duration::ZERO) => DEFAULT_CERT_TTL,
-            Some(ttl) if ttl > MAX_CERT_TTL => {
+            None | Some(Duration::ZERO) => self.ttl_policy.default,
+            Some(ttl) if ttl > self.ttl_policy.max => {
                 return Err(IssueError::TtlTooLong {
                     requested: ttl,
-                    max: MAX_CERT_TTL,
+                    max: self.ttl_policy.max,
                 });
             }
             Some(ttl) => ttl,
@@ -314,7 +354,7 @@ impl MeshCa {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.not_before = now - CLOCK_SKEW_GRACE;
+        params.not_before = now - workload_backdate(ttl);
         params.not_after = now + ttl;
         params.serial_number = Some(random_serial());
         params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];

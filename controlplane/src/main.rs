@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use meshvm_controlplane::ca::MeshCa;
 use meshvm_controlplane::ca::server::{ServeOptions, serve};
+use meshvm_controlplane::ca::{CertTtlPolicy, MeshCa};
 use meshvm_controlplane::echo::EchoApp;
 use meshvm_controlplane::onboard::{self, OnboardOptions};
 
@@ -108,6 +108,14 @@ enum Command {
         /// More DNS names for the serving certificate (e.g. istiod-canary.istio-system.svc).
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
+        /// Workload certificate lifetime when a request asks for none
+        /// (istiod's DEFAULT_WORKLOAD_CERT_TTL): seconds, or with s/m/h.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        default_cert_ttl: Duration,
+        /// Longest workload certificate lifetime; longer requests are refused
+        /// (istiod's MAX_WORKLOAD_CERT_TTL).
+        #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+        max_cert_ttl: Duration,
     },
 }
 
@@ -174,8 +182,18 @@ fn main() -> anyhow::Result<()> {
             listen,
             cluster_id,
             dns_names,
+            default_cert_ttl,
+            max_cert_ttl,
         } => {
-            let ca = Arc::new(ca.load()?);
+            anyhow::ensure!(
+                default_cert_ttl <= max_cert_ttl,
+                "--default-cert-ttl must not exceed --max-cert-ttl"
+            );
+            let policy = CertTtlPolicy {
+                default: default_cert_ttl,
+                max: max_cert_ttl,
+            };
+            let ca = Arc::new(ca.load()?.with_ttl_policy(policy));
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -15,6 +15,7 @@
 //! file, the line (and column where it helps) and the problem.
 
 pub mod cluster_env;
+pub mod duration;
 pub mod hosts;
 pub mod mesh;
 pub mod root_cert;
@@ -27,6 +28,7 @@ use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
@@ -44,6 +46,8 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_SERVICE_CLUSTER: &str = "istio-proxy";
 /// The audience istiod's TokenReview expects by default.
 pub const CA_TOKEN_AUDIENCE: &str = "istio-ca";
+/// The workload certificate lifetime requested without `SECRET_TTL` (Istio's).
+pub const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Where the five onboarding files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +212,10 @@ pub struct Config {
     pub dns_capture: bool,
     /// mesh.yaml `readinessProbe` (the WorkloadGroup's probe), if any.
     pub readiness_probe: Option<ReadinessProbe>,
+    /// `SECRET_TTL` (Go duration, default 24h): the certificate lifetime the
+    /// agent asks the CA for.
+    #[serde(serialize_with = "serialize_go_duration")]
+    pub secret_ttl: Duration,
     /// Other variables the onboarding files set (e.g. `ISTIO_SERVICE_CIDR`,
     /// `ISTIO_LOCAL_EXCLUDE_PORTS`), with environment overrides applied.
     pub environment: BTreeMap<String, String>,
@@ -240,9 +248,14 @@ const CONSUMED: &[&str] = &[
     "CA_ADDR",
     "ISTIOD_SAN",
     "ISTIO_INBOUND_PORTS",
+    "SECRET_TTL",
 ];
 
 const META_PREFIX: &str = "ISTIO_META_";
+
+fn serialize_go_duration<S: Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&duration::go_duration_string(*d))
+}
 
 impl Config {
     /// The workload's SPIFFE identity, `spiffe://<td>/ns/<ns>/sa/<sa>`.
@@ -403,6 +416,17 @@ impl Config {
 
         let dns_capture = vars.bool("ISTIO_META_DNS_CAPTURE")?;
 
+        let secret_ttl = match vars.non_empty("SECRET_TTL") {
+            None => DEFAULT_SECRET_TTL,
+            Some(text) => match duration::parse_go_duration(text) {
+                Ok(ttl) if ttl >= Duration::from_secs(1) => ttl,
+                Ok(_) => {
+                    return Err(vars.invalid("SECRET_TTL", "a certificate lifetime of at least 1s"));
+                }
+                Err(problem) => return Err(vars.invalid("SECRET_TTL", problem)),
+            },
+        };
+
         let environment = file_keys
             .into_iter()
             .filter(|k| !CONSUMED.contains(&k.as_str()) && !k.starts_with(META_PREFIX))
@@ -444,6 +468,7 @@ impl Config {
             inbound_ports,
             dns_capture,
             readiness_probe: proxy_config.readiness_probe.take(),
+            secret_ttl,
             environment,
             cluster_env_path: paths.cluster_env.clone(),
             mesh_config_path: paths.mesh_config.clone(),

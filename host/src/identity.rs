@@ -35,9 +35,9 @@ pub use renew::{RENEW_RATIO, RENEW_RATIO_JITTER, random_jitter, renew_at};
 pub use store::{CertStore, LoadError, StoreError, write_atomic};
 pub use verify::{IdentityError, IssuedCert, verify_issued};
 
-/// The certificate lifetime the agent asks for (`SECRET_TTL`, 24 h). The CA
+/// The certificate lifetime the agent asks for by default (`SECRET_TTL`, 24 h). The CA
 /// may grant less; the expiry is always read from the returned leaf.
-pub const REQUESTED_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub const REQUESTED_TTL: Duration = crate::config::DEFAULT_SECRET_TTL;
 
 /// How far in the future a new certificate's `notBefore` may be and still be
 /// accepted: the CA's clock may run ahead of ours.

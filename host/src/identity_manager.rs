@@ -26,8 +26,8 @@ use zeroize::Zeroizing;
 use crate::ca_client::{CaAuth, CaClient, CaClientError};
 use crate::config::RootCerts;
 use crate::identity::{
-    CertStore, IdentityError, IssuedCert, KeyAlgorithm, KeyError, REQUESTED_TTL, StoreError,
-    WorkloadKey, random_jitter, verify_issued,
+    CertStore, IdentityError, IssuedCert, KeyAlgorithm, KeyError, StoreError, WorkloadKey,
+    random_jitter, verify_issued,
 };
 
 /// The current workload identity, as the SDS server serves it.
@@ -124,7 +124,7 @@ pub struct IdentityOptions {
 }
 
 impl IdentityOptions {
-    /// Defaults for `config`: ECDSA P-256, 24 h, 1 s → 5 min backoff, the
+    /// Defaults for `config`: ECDSA P-256, `SECRET_TTL`, 1 s → 5 min backoff, the
     /// certificates in `store`.
     pub fn from_config(config: &crate::config::Config, store: CertStore) -> Self {
         Self {
@@ -133,7 +133,7 @@ impl IdentityOptions {
             token_path: config.token_path.clone(),
             roots: config.root_certs.clone(),
             store,
-            ttl: REQUESTED_TTL,
+            ttl: config.secret_ttl,
             backoff: Backoff::default(),
             min_renew_delay: Duration::from_secs(1),
         }

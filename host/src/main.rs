@@ -54,6 +54,24 @@ enum Command {
         #[arg(long, default_value_t = KeyAlgorithm::EcdsaP256)]
         key_algorithm: KeyAlgorithm,
     },
+    /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
+    /// and print what is served (identity, validity, serials; never the key).
+    Secrets {
+        /// The agent's SDS socket.
+        #[arg(long, value_name = "PATH", default_value = sds::DEFAULT_SOCKET_PATH)]
+        sds_socket: PathBuf,
+        /// Wait up to this long for the socket to appear and a certificate to
+        /// be served (e.g. `30s`); without it, fail at once if none is.
+        #[arg(long, value_name = "DURATION", value_parser = parse_wait)]
+        wait: Option<std::time::Duration>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Yaml)]
+        format: Format,
+    },
+}
+
+fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
+    meshvm_agent::config::duration::parse_go_duration(text)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +146,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?
                 .block_on(serve_identity(client, options, &sds_socket))?;
+        }
+        Command::Secrets {
+            sds_socket,
+            wait,
+            format,
+        } => {
+            // Without --wait: long enough for a served certificate to arrive,
+            // short enough to say quickly that none is.
+            let (limit, retry_connect) = match wait {
+                Some(wait) => (wait, true),
+                None => (std::time::Duration::from_secs(2), false),
+            };
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(sds::client::fetch_secrets(
+                    &sds_socket,
+                    limit,
+                    retry_connect,
+                ))?;
+            let text = match format {
+                Format::Yaml => serde_norway::to_string(&served)?,
+                Format::Json => serde_json::to_string_pretty(&served)? + "\n",
+            };
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .context("writing to stdout")?;
         }
     }
     Ok(())

@@ -455,5 +455,7 @@ impl SdsServer {
     }
 }
 
+pub mod client;
+
 #[cfg(test)]
 mod tests;

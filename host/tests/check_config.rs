@@ -172,6 +172,7 @@ fn environment_overrides_the_files() {
             ("ISTIO_INBOUND_PORTS", "*"),
             ("POD_NAME", "ratings-vm-1"),
             ("INSTANCE_IP", "10.0.0.12"),
+            ("SECRET_TTL", "1h30m"),
             (
                 "PROXY_CONFIG",
                 r#"{"discoveryAddress":"istiod.corp.example:15012","serviceCluster":"x"}"#,
@@ -195,6 +196,7 @@ fn environment_overrides_the_files() {
     assert_eq!(v["inbound-ports"], "*");
     assert_eq!(v["pod-name"], "ratings-vm-1");
     assert_eq!(v["instance-ip"], "10.0.0.12");
+    assert_eq!(v["secret-ttl"], "1h30m0s");
     // The token is for vm-ns/ratings-sa; the agent says so.
     assert!(
         stderr(&out).contains("the istio-token is for another service account"),
@@ -311,6 +313,16 @@ fn bad_environment_values_are_reported() {
         stderr(&out).trim_end(),
         "meshvm-agent: error: environment variable ISTIO_META_DNS_CAPTURE: `enabled` is not \
          true or false"
+    );
+    let out = check_config(
+        "testdata/onboarding/ratings-vm",
+        "yaml",
+        &[("SECRET_TTL", "1d")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "meshvm-agent: error: environment variable SECRET_TTL: `1d`: unknown unit `d`"
     );
 }
 

@@ -8,10 +8,8 @@ mod test_ca;
 
 use meshvm_agent::identity::{KeyAlgorithm, WorkloadKey};
 use meshvm_agent::sds::{SdsServer, WorkloadSecret};
-use meshvm_testing::envoy::Envoy;
-use serde_json::{Value, json};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use meshvm_testing::envoy::{Envoy, sds_tls_bootstrap};
+use meshvm_testing::pki::{pem_certs, presented_certs as presented};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use test_ca::TestCa;
@@ -20,107 +18,6 @@ use tokio::sync::watch;
 /// Liveness bound for Envoy start-up and for each change to show up.
 const LIMIT: Duration = Duration::from_secs(90);
 const SPIFFE: &str = "spiffe://cluster.local/ns/vm-ns/sa/vm-sa";
-
-fn sds_config(name: &str) -> Value {
-    json!({
-        "name": name,
-        "sds_config": {
-            "api_config_source": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "set_node_on_first_message_only": true,
-                "grpc_services": [{ "envoy_grpc": { "cluster_name": "sds-grpc" } }]
-            },
-            "initial_fetch_timeout": "0s",
-            "resource_api_version": "V3"
-        }
-    })
-}
-
-fn bootstrap(socket: &Path) -> Value {
-    json!({
-        "node": { "id": "sidecar~10.0.0.5~vm.vm-ns~vm-ns.svc.cluster.local", "cluster": "meshvm-test" },
-        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
-        "static_resources": {
-            "listeners": [{
-                "name": "tls",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
-                "filter_chains": [{
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                            "common_tls_context": {
-                                "tls_certificate_sds_secret_configs": [sds_config("default")],
-                                "validation_context_sds_secret_config": sds_config("ROOTCA")
-                            }
-                        }
-                    },
-                    "filters": [{
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "tls",
-                            "route_config": { "virtual_hosts": [{
-                                "name": "all", "domains": ["*"],
-                                "routes": [{ "match": { "prefix": "/" }, "direct_response": { "status": 200 } }]
-                            }]},
-                            "http_filters": [{
-                                "name": "envoy.filters.http.router",
-                                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
-                            }]
-                        }
-                    }]
-                }]
-            }],
-            "clusters": [{
-                "name": "sds-grpc",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": { "http2_protocol_options": {} }
-                    }
-                },
-                "load_assignment": {
-                    "cluster_name": "sds-grpc",
-                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
-                        "pipe": { "path": socket }
-                    }}}]}]
-                }
-            }]
-        }
-    })
-}
-
-fn pem_certs(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let body = &rest[start + "-----BEGIN CERTIFICATE-----".len()..];
-        let end = body.find("-----END CERTIFICATE-----").expect("PEM end");
-        out.push(body[..end].split_whitespace().collect());
-        rest = &body[end..];
-    }
-    out
-}
-
-/// The certificates Envoy presents on `port`, leaf first (empty if the
-/// handshake failed).
-fn presented(port: u16) -> Vec<String> {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-showcerts",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl must be installed");
-    pem_certs(&String::from_utf8_lossy(&out.stdout))
-}
 
 fn leaf(secret: &WorkloadSecret) -> String {
     pem_certs(&secret.cert_chain_pem).remove(0)
@@ -163,7 +60,7 @@ fn envoy_serves_rotates_and_keeps_the_old_cert_on_nack() {
     // Envoy starts before any certificate exists: its requests are held,
     // then answered when the first one is published.
     let starting = {
-        let config = bootstrap(&socket);
+        let config = sds_tls_bootstrap(&socket);
         let dir = dir.path().to_path_buf();
         std::thread::spawn(move || Envoy::start(&dir, "envoy", &config))
     };

@@ -152,6 +152,86 @@ pub fn bootstrap(
     })
 }
 
+/// An SDS secret reference as Istio's bootstrap writes it: fetched over
+/// the `sds-grpc` cluster, no initial fetch timeout.
+pub fn sds_secret_config(name: &str) -> Value {
+    json!({
+        "name": name,
+        "sds_config": {
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": "sds-grpc" } }]
+            },
+            "initial_fetch_timeout": "0s",
+            "resource_api_version": "V3"
+        }
+    })
+}
+
+/// A bootstrap whose listener `tls` (on port 0) terminates TLS with the
+/// `default` certificate and `ROOTCA` validation context from the SDS
+/// server on the Unix socket `sds_socket`, and answers every request with
+/// 200; clients need no certificate.
+pub fn sds_tls_bootstrap(sds_socket: &Path) -> Value {
+    let transport_socket = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [sds_secret_config("default")],
+                "validation_context_sds_secret_config": sds_secret_config("ROOTCA")
+            }
+        }
+    });
+    let listener = json!({
+        "name": "tls",
+        "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+        "filter_chains": [{
+            "transport_socket": transport_socket,
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "tls",
+                    "route_config": { "virtual_hosts": [{
+                        "name": "all", "domains": ["*"],
+                        "routes": [{ "match": { "prefix": "/" }, "direct_response": { "status": 200 } }]
+                    }]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+                    }]
+                }
+            }]
+        }]
+    });
+    let sds_cluster = json!({
+        "name": "sds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "sds-grpc",
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "pipe": { "path": sds_socket }
+            }}}]}]
+        }
+    });
+    bootstrap(
+        "sidecar~10.0.0.5~vm.vm-ns~vm-ns.svc.cluster.local",
+        json!({}),
+        vec![listener],
+        vec![sds_cluster],
+    )
+}
+
 /// A running Envoy, killed on drop.
 pub struct Envoy {
     child: Child,

@@ -6,6 +6,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// Certificate and key files of one identity.
 #[derive(Clone, Debug)]
@@ -96,4 +97,36 @@ pub fn assert_openssl_verifies(root: &Path, chain: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The base64 bodies of the PEM certificates in `text`, in order
+/// (whitespace removed), for comparing certificates as text.
+pub fn pem_certs(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let body = &rest[start + "-----BEGIN CERTIFICATE-----".len()..];
+        let Some(end) = body.find("-----END CERTIFICATE-----") else {
+            break;
+        };
+        out.push(body[..end].split_whitespace().collect());
+        rest = &body[end..];
+    }
+    out
+}
+
+/// The certificates a TLS server on 127.0.0.1:`port` presents, leaf first,
+/// as `openssl s_client` sees them (empty if the handshake failed).
+pub fn presented_certs(port: u16) -> Vec<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-showcerts",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl must be installed");
+    pem_certs(&String::from_utf8_lossy(&out.stdout))
 }

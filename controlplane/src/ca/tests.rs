@@ -461,3 +461,46 @@ fn go_durations() {
 
 /// An RSA 2048 key made for this test only (`openssl genpkey -algorithm RSA`).
 const RSA_TEST_KEY: &str = include_str!("../../tests/data/rsa-test-key.pem");
+
+#[test]
+fn a_ttl_policy_sets_the_default_and_the_maximum_and_short_ttls_backdate_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_in(dir.path()).with_ttl_policy(CertTtlPolicy {
+        default: Duration::from_secs(60),
+        max: Duration::from_secs(600),
+    });
+    let (csr_pem, _) = csr(&[]);
+    let validity = |ttl: Option<Duration>| {
+        let chain = ca.issue(&csr_pem, &identity(), ttl).unwrap();
+        let der = der_of(&chain[0]);
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+        (
+            unix(leaf.validity().not_before.to_datetime()),
+            unix(leaf.validity().not_after.to_datetime()),
+        )
+    };
+    let (nb, na) = validity(None);
+    let t = now();
+    assert!(
+        (t + 55..=t + 65).contains(&na),
+        "60 s by default: {na} vs {t}"
+    );
+    assert!((t - 8..=t - 4).contains(&nb), "backdated 6 s: {nb} vs {t}");
+    let (_, na) = validity(Some(Duration::from_secs(600)));
+    assert!((t + 595..=t + 605).contains(&na));
+    let err = ca
+        .issue(&csr_pem, &identity(), Some(Duration::from_secs(601)))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "requested TTL 10m1s is greater than the max allowed TTL 10m0s"
+    );
+    assert_eq!(
+        workload_backdate(Duration::from_secs(86_400)),
+        CLOCK_SKEW_GRACE
+    );
+    assert_eq!(
+        workload_backdate(Duration::from_secs(20)),
+        Duration::from_secs(2)
+    );
+}

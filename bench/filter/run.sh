@@ -27,7 +27,7 @@
 #   WARMUP=1              seconds of load before each measurement (not counted)
 #   MESHVM_FILTER_WASM    the filter (default, under CARGO_TARGET_DIR or
 #                         $HOME/.cache/meshvm/target: meshvm/meshvm_filter.wasm
-#                         as `make wasm` ships it, else wasm32-wasip1/release/)
+#                         as `make wasm` ships it, else wasm32-wasip1/wasm/)
 #   VARIANTS="none noop wasm lua"   DIRECTIONS="inbound outbound"
 #                         ("noop" is the calibration variant: the smallest
 #                         proxy-wasm filter, noop/noop.rs, built with rustc;
@@ -56,7 +56,7 @@ DIRECTIONS=${DIRECTIONS:-inbound outbound}
 # else cargo's release output.
 _td=${CARGO_TARGET_DIR:-$HOME/.cache/meshvm/target}
 if [ -z "${MESHVM_FILTER_WASM:-}" ]; then
-  MESHVM_FILTER_WASM=$_td/wasm32-wasip1/release/meshvm_filter.wasm
+  MESHVM_FILTER_WASM=$_td/wasm32-wasip1/wasm/meshvm_filter.wasm
   [ -f "$_td/meshvm/meshvm_filter.wasm" ] && MESHVM_FILTER_WASM=$_td/meshvm/meshvm_filter.wasm
 fi
 OUT=${OUT:-$ROOT/bench/results/filter.md}
@@ -96,7 +96,7 @@ fi
 case " $VARIANTS " in
   *" wasm "*)
     [ -f "$MESHVM_FILTER_WASM" ] || die "filter not found: $MESHVM_FILTER_WASM
-  build it:  CARGO_TARGET_DIR=\$HOME/.cache/meshvm/target cargo build -p meshvm-filter --target wasm32-wasip1 --release
+  build it:  CARGO_TARGET_DIR=\$HOME/.cache/meshvm/target cargo build -p meshvm-filter --target wasm32-wasip1 --profile wasm
   or set MESHVM_FILTER_WASM, or run without it: VARIANTS='none lua'"
     MESHVM_FILTER_WASM=$(cd "$(dirname "$MESHVM_FILTER_WASM")" && pwd)/$(basename "$MESHVM_FILTER_WASM")
     [ "$(head -c4 "$MESHVM_FILTER_WASM" | od -An -tx1 | tr -d ' \n')" = 0061736d ] \

@@ -342,7 +342,7 @@ fn read_token(path: &Path) -> Result<Option<MetadataValue<tonic::metadata::Ascii
 }
 
 /// The message of the first rustls error in `error`'s source chain.
-fn find_tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub(crate) fn find_tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
@@ -364,7 +364,7 @@ fn find_tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
 }
 
 /// `a: b: c` for an error and its sources, repeated messages dropped.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut current = Some(error);
     while let Some(e) = current {

@@ -1,12 +1,15 @@
 //! The meshvm VM agent.
 //!
-//! It reads the onboarding files ([`config`]) and keeps the workload's key and
-//! certificate ([`identity`]); later it will obtain and rotate the certificate
-//! over the CA API, serve it to Envoy over SDS, proxy Envoy's xDS stream to
-//! the control plane and run the VM's DNS proxy.
+//! It reads the onboarding files ([`config`]), obtains and renews the
+//! workload certificate from the mesh CA ([`ca_client`], [`identity`],
+//! [`identity_manager`]), serves it to Envoy over SDS ([`sds`]) and proxies
+//! Envoy's xDS stream to the control plane ([`xds`]), keeping the NameTable
+//! for the DNS proxy and reporting health on that stream.
 
 pub mod ca_client;
 pub mod config;
 pub mod identity;
 pub mod identity_manager;
 pub mod sds;
+pub mod uds;
+pub mod xds;

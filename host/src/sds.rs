@@ -15,7 +15,6 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -391,39 +390,11 @@ impl fmt::Debug for SdsServer {
 }
 
 impl SdsServer {
-    /// Binds `path` (mode 0600), creating its directory and removing a stale
-    /// socket left by an earlier run. A socket some live server answers on is
-    /// left alone (`AddrInUse`); so is any file that is not a socket.
-    /// Must be called inside a Tokio runtime.
+    /// Binds `path` (see [`crate::uds::bind_private`]). Must be called inside
+    /// a Tokio runtime.
     pub fn bind(path: impl AsRef<Path>, secrets: SecretReceiver) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir)?;
-        }
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!("{}: another SDS server is listening", path.display()),
-                    ));
-                }
-                tracing::info!(path = %path.display(), "SDS: removing stale socket");
-                std::fs::remove_file(&path)?;
-            }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{}: exists and is not a socket", path.display()),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = crate::uds::bind_private(&path, "SDS")?;
         Ok(Self {
             listener,
             path,

@@ -123,7 +123,7 @@ async fn fetch(socket: &Path, retry_connect: bool) -> Result<ServedSecrets, SdsC
     let mut client = loop {
         match connect(socket).await {
             Ok(client) => break client,
-            Err(_) if retry_connect => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) if retry_connect => tokio::time::sleep(Duration::from_millis(2)).await,
             Err(e) => return Err(e),
         }
     };

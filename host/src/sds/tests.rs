@@ -1,4 +1,5 @@
 use super::*;
+use std::os::unix::fs::PermissionsExt as _;
 
 fn secret(tag: &str) -> WorkloadSecret {
     WorkloadSecret {

@@ -1,10 +1,13 @@
 //! The meshvm VM agent.
 //!
-//! It reads the onboarding files ([`config`]) and keeps the workload's key and
-//! certificate ([`identity`]); later it will obtain and rotate the certificate
-//! over the CA API, serve it to Envoy over SDS, proxy Envoy's xDS stream to
-//! the control plane and run the VM's DNS proxy.
+//! It reads the onboarding files ([`config`]), keeps the workload's key and
+//! certificate ([`identity`]), obtains and rotates the certificate over the
+//! CA API ([`ca_client`], [`identity_manager`]), serves it to Envoy over SDS
+//! ([`sds`]), and knows the VM's address ([`address`]); later it will run
+//! Envoy, proxy its xDS stream to the control plane and run the VM's DNS
+//! proxy.
 
+pub mod address;
 pub mod ca_client;
 pub mod config;
 pub mod identity;

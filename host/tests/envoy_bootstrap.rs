@@ -65,8 +65,9 @@ fn test_options(dir: &Path) -> BootstrapOptions {
     o.listen_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     o.status_port = 0;
     o.prometheus_port = 0;
-    o.drain_duration = Duration::from_secs(2);
-    o.termination_drain_duration = Duration::from_secs(3);
+    o.drain_duration = Duration::from_secs(30);
+    // Long enough for the drain test to see the drain on a busy machine.
+    o.termination_drain_duration = Duration::from_secs(5);
     o
 }
 
@@ -253,7 +254,7 @@ async fn envoy_runs_our_node_and_comes_back_after_kill_9() {
     );
     assert_eq!(info["node"]["metadata"]["NAMESPACE"], "vm-ns");
     assert_eq!(info["node"]["metadata"]["ENVOY_STATUS_PORT"], Value::Null);
-    assert_eq!(info["command_line_options"]["drain_time"], "2s", "{body}");
+    assert_eq!(info["command_line_options"]["drain_time"], "30s", "{body}");
     // Without an xDS server Envoy waits for its first LDS/CDS answer.
     assert_eq!(info["state"], "PRE_INITIALIZING", "{body}");
 
@@ -337,7 +338,7 @@ async fn shutdown_drains_then_stops_and_leaves_nothing_behind() {
         .unwrap()
         .unwrap();
     assert!(
-        begun.elapsed() >= Duration::from_secs(3),
+        begun.elapsed() >= Duration::from_secs(5),
         "{:?}",
         begun.elapsed()
     );
@@ -386,6 +387,32 @@ async fn a_missing_binary_is_reported_and_retried_with_backoff() {
     assert_eq!(status.borrow().phase, Phase::Stopped);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_bootstrap_is_reported_and_retried() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let options = test_options(dir.path());
+    let path = Bootstrap::write(&ratings(), &options).unwrap();
+    let mut bootstrap = Bootstrap::render(&ratings(), &options);
+    bootstrap["dynamic_resources"]["ads_config"]["api_type"] = "DELTA".into();
+    std::fs::write(&path, serde_json::to_vec(&bootstrap).unwrap()).unwrap();
+    let mut o = supervisor_options(&options);
+    o.restart_backoff = Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        jitter: 0.2,
+    };
+    let supervisor = Supervisor::start(o);
+    let mut status = supervisor.subscribe();
+    let failing = wait_for(&mut status, "two refused starts", |s| s.failures >= 2).await;
+    assert_eq!(failing.last_exit.as_deref(), Some("exit status: 1"));
+    assert!(failing.restarts >= 1);
+    tokio::time::timeout(LIMIT, supervisor.shutdown())
+        .await
+        .expect("shutdown is prompt");
+    wait_gone(dir.path()).await;
+}
+
 /// Set in the environment of the agent-like process
 /// [`envoy_dies_with_the_agent`] starts: the directory to run Envoy in.
 const AGENT_DIR_ENV: &str = "MESHVM_TEST_SUPERVISOR_DIR";
@@ -415,6 +442,8 @@ fn agent_process_for_envoy_dies_with_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_dies_with_the_agent() {
     let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut agent = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -422,9 +451,12 @@ async fn envoy_dies_with_the_agent() {
             "--nocapture",
         ])
         .env(AGENT_DIR_ENV, dir.path())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let pid_file = dir.path().join("envoy.pid");
     let deadline = Instant::now() + LIMIT;
     let envoy: u32 = loop {
@@ -436,9 +468,14 @@ async fn envoy_dies_with_the_agent() {
         }
         assert!(
             agent.try_wait().unwrap().is_none(),
-            "the agent process exited early"
+            "the agent process exited early:\n{}",
+            agent_log()
         );
-        assert!(Instant::now() < deadline, "Envoy did not start");
+        assert!(
+            Instant::now() < deadline,
+            "Envoy did not start:\n{}",
+            agent_log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(alive(envoy));

@@ -16,14 +16,17 @@ const MAX_RESPONSE: u64 = 1 << 20;
 /// An admin call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// The connection failed (Envoy not up, or gone).
     #[error("Envoy admin {addr}: {error}")]
     Io {
         addr: SocketAddr,
         #[source]
         error: io::Error,
     },
+    /// Envoy did not answer in time (stuck, or overloaded).
     #[error("Envoy admin {addr} did not answer within {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    /// Envoy refused the call.
     #[error("Envoy admin {addr}: {path} answered {status}: {body}")]
     Status {
         addr: SocketAddr,
@@ -31,6 +34,7 @@ pub enum AdminError {
         status: u16,
         body: String,
     },
+    /// Something else answered on the admin address.
     #[error("Envoy admin {addr}: not an HTTP answer")]
     Malformed { addr: SocketAddr },
 }

@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::address::ProxyAddresses;
+use crate::address::{AddressError, INTERFACE_ENV, ProxyAddresses, short_hostname};
 use crate::config::Config;
 use crate::identity::{StoreError, write_atomic};
 use crate::sds;
@@ -171,6 +171,30 @@ impl BootstrapOptions {
         }
     }
 
+    /// [`BootstrapOptions::new`] for this host: its addresses
+    /// ([`ProxyAddresses::detect`], with `interface` or else the
+    /// [`INTERFACE_ENV`] variable), its short host name, and
+    /// `ISTIO_DELTA_XDS` from `env` (the process environment) or the
+    /// onboarding files.
+    pub fn for_host(
+        config: &Config,
+        env: &BTreeMap<String, String>,
+        run_dir: impl Into<PathBuf>,
+        interface: Option<&str>,
+    ) -> Result<Self, BootstrapError> {
+        let interface = interface
+            .or_else(|| env.get(INTERFACE_ENV).map(String::as_str))
+            .filter(|name| !name.is_empty());
+        let addresses = ProxyAddresses::detect(config, interface)?;
+        let hostname = short_hostname().map_err(BootstrapError::Hostname)?;
+        let delta = env
+            .get("ISTIO_DELTA_XDS")
+            .or_else(|| config.environment.get("ISTIO_DELTA_XDS"));
+        let mut options = Self::new(run_dir, addresses, hostname);
+        options.xds_api = XdsApi::from_istio_delta_xds(delta.map(String::as_str))?;
+        Ok(options)
+    }
+
     /// `<run_dir>/envoy-rev.json`.
     pub fn bootstrap_path(&self) -> PathBuf {
         self.run_dir.join(BOOTSTRAP_FILE)
@@ -183,6 +207,12 @@ pub enum BootstrapError {
     /// An `ISTIO_META_*` value that istiod (or Istio's agent) would refuse.
     #[error("ISTIO_META_{key}: {problem}")]
     Metadata { key: String, problem: String },
+    /// The VM's address could not be chosen.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The host name (the default `POD_NAME`) could not be read.
+    #[error("reading the host name: {0}")]
+    Hostname(#[source] std::io::Error),
     /// `ISTIO_DELTA_XDS` is not a boolean.
     #[error("ISTIO_DELTA_XDS: `{0}` is not true or false")]
     DeltaXds(String),
@@ -1114,6 +1144,52 @@ mod tests {
         o.xds_api = XdsApi::Sotw;
         let json = Bootstrap::render(&ratings(), &o);
         assert_eq!(json["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
+    }
+
+    #[test]
+    fn for_host_reads_this_host_and_the_environment() {
+        let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = ratings();
+        let o = BootstrapOptions::for_host(&c, &env(&[]), "/run/meshvm", None).unwrap();
+        assert_eq!(o.addresses.primary, "10.0.0.12".parse::<IpAddr>().unwrap());
+        assert_eq!(o.addresses.source, AddressSource::Configured);
+        assert_eq!(o.xds_api, XdsApi::Delta);
+        assert!(!o.hostname.is_empty());
+        assert_eq!(o.xds_socket, Path::new("/run/meshvm/XDS"));
+        let o = BootstrapOptions::for_host(
+            &c,
+            &env(&[("ISTIO_DELTA_XDS", "false"), (INTERFACE_ENV, "")]),
+            "/run/meshvm",
+            None,
+        )
+        .unwrap();
+        assert_eq!(o.xds_api, XdsApi::Sotw);
+        // The variable names an interface when the option does not.
+        let e = BootstrapOptions::for_host(
+            &load("ratings-vm", &[]),
+            &env(&[(INTERFACE_ENV, "no-such-if0")]),
+            "/run/meshvm",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("no network interface named `no-such-if0`; the host has: "),
+            "{e}"
+        );
+        let e = BootstrapOptions::for_host(
+            &c,
+            &env(&[("ISTIO_DELTA_XDS", "maybe")]),
+            "/run/meshvm",
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, BootstrapError::DeltaXds(_)), "{e}");
     }
 
     #[test]

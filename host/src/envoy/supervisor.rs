@@ -186,8 +186,9 @@ pub struct EnvoyStatus {
     pub admin: Option<SocketAddr>,
     /// Starts after the first one (each exit or failed start leads to one).
     pub restarts: u64,
-    /// Exits and failed starts since Envoy last stayed up for
-    /// [`SupervisorOptions::stable_after`].
+    /// Consecutive exits and failed starts (the backoff step), updated at
+    /// each one; an exit after [`SupervisorOptions::stable_after`] up counts
+    /// as the first again.
     pub failures: u32,
     /// How the last Envoy ended, or why it could not start.
     pub last_exit: Option<String>,

@@ -216,6 +216,11 @@ pub struct Config {
     /// agent asks the CA for.
     #[serde(serialize_with = "serialize_go_duration")]
     pub secret_ttl: Duration,
+    /// mesh.yaml `proxyMetadata` with `PROXY_CONFIG`'s overlaid, as Istio's
+    /// agent reports it in node metadata `PROXY_CONFIG.proxyMetadata`. Not in
+    /// the report: each entry already shows as the setting it makes.
+    #[serde(skip)]
+    pub proxy_metadata: BTreeMap<String, String>,
     /// Other variables the onboarding files set (e.g. `ISTIO_SERVICE_CIDR`,
     /// `ISTIO_LOCAL_EXCLUDE_PORTS`), with environment overrides applied.
     pub environment: BTreeMap<String, String>,
@@ -278,6 +283,7 @@ impl Config {
         // Variables, lowest precedence first.
         let mut vars = Vars::default();
         let metadata_lines = mesh::proxy_metadata_lines(&mesh_text);
+        let mut proxy_metadata = proxy_config.proxy_metadata.clone();
         for (key, value) in std::mem::take(&mut proxy_config.proxy_metadata) {
             let line = metadata_lines.get(&key).copied();
             vars.set(key, value, file_origin(&paths.mesh_config, line));
@@ -306,6 +312,7 @@ impl Config {
                 proxy_config.readiness_probe = overlay.readiness_probe;
             }
             for (key, value) in overlay.proxy_metadata {
+                proxy_metadata.insert(key.clone(), value.clone());
                 vars.set(key, value, Origin::ProxyConfigEnv);
             }
         }
@@ -469,6 +476,7 @@ impl Config {
             dns_capture,
             readiness_probe: proxy_config.readiness_probe.take(),
             secret_ttl,
+            proxy_metadata,
             environment,
             cluster_env_path: paths.cluster_env.clone(),
             mesh_config_path: paths.mesh_config.clone(),

@@ -2,12 +2,16 @@
 //!
 //! It reads the onboarding files ([`config`]), obtains and renews the
 //! workload certificate from the mesh CA ([`ca_client`], [`identity`],
-//! [`identity_manager`]), serves it to Envoy over SDS ([`sds`]) and proxies
-//! Envoy's xDS stream to the control plane ([`xds`]), keeping the NameTable
-//! for the DNS proxy and reporting health on that stream.
+//! [`identity_manager`]), serves it to Envoy over SDS ([`sds`]), writes
+//! Envoy's bootstrap and runs Envoy ([`envoy`]) on the VM's address
+//! ([`address`]), and proxies Envoy's xDS stream to the control plane
+//! ([`xds`]), keeping the NameTable for the DNS proxy and reporting health on
+//! that stream.
 
+pub mod address;
 pub mod ca_client;
 pub mod config;
+pub mod envoy;
 pub mod identity;
 pub mod identity_manager;
 pub mod sds;

@@ -70,13 +70,13 @@ echo "== timing ($RUNS runs each, $WARMUP warm-up)" >&2
 hyperfine --style basic --runs "$RUNS" --warmup "$WARMUP" \
   --export-json "$T/times.json" --export-markdown "$T/times.md" \
   -n "agent, new ECDSA P-256 identity" \
-  --prepare "'$A' stop '$T/agent.pid'; rm -rf '$T/state'" \
+  --prepare "'$A' stop '$T/agent.pid'; rm -rf '$T/state' '$T/state.run'" \
   "'$A' start '$T/agent.pid' '$T/state' '$T/sds.sock' ecdsa-p256 && '$AGENT' secrets --sds-socket '$T/sds.sock' --wait 30s >/dev/null" \
   -n "agent, new RSA 2048 identity" \
-  --prepare "'$A' stop '$T/agent.pid'; rm -rf '$T/state'" \
+  --prepare "'$A' stop '$T/agent.pid'; rm -rf '$T/state' '$T/state.run'" \
   "'$A' start '$T/agent.pid' '$T/state' '$T/sds.sock' rsa-2048 && '$AGENT' secrets --sds-socket '$T/sds.sock' --wait 30s >/dev/null" \
   -n "agent restart, stored certificate (floor)" \
-  --prepare "'$A' stop '$T/agent.pid'; rm -rf '$T/state'; cp -a '$T/saved' '$T/state'" \
+  --prepare "'$A' stop '$T/agent.pid'; rm -rf '$T/state' '$T/state.run'; cp -a '$T/saved' '$T/state'" \
   "'$A' start '$T/agent.pid' '$T/state' '$T/sds.sock' ecdsa-p256 && '$AGENT' secrets --sds-socket '$T/sds.sock' --wait 30s >/dev/null" \
   -n "openssl genpkey EC P-256" \
   --prepare "'$A' stop '$T/agent.pid'" \

@@ -9,6 +9,7 @@
 //! that stream.
 
 pub mod address;
+pub mod agent;
 pub mod ca_client;
 pub mod config;
 pub mod envoy;

@@ -7,12 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use meshvm_agent::ca_client::{CaClient, CaClientOptions};
+use meshvm_agent::agent::{self, AgentOptions};
 use meshvm_agent::config::{Config, ConfigError, OnboardingPaths};
-use meshvm_agent::identity::{CertStore, KeyAlgorithm};
-use meshvm_agent::identity_manager::{IdentityManager, IdentityOptions};
-use meshvm_agent::sds::{self, SdsServer, WorkloadSecret};
-use std::sync::Arc;
+use meshvm_agent::envoy;
+use meshvm_agent::identity::{self, KeyAlgorithm};
+use meshvm_agent::sds;
 
 /// The meshvm VM agent: joins this VM to an Istio-compatible service mesh.
 #[derive(Parser)]
@@ -40,19 +39,43 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
     },
-    /// Obtain the workload certificate from the mesh CA, keep it renewed, and
-    /// serve it to Envoy over SDS until SIGTERM or SIGINT.
+    /// Join the mesh: obtain and renew the workload certificate, serve it to
+    /// Envoy over SDS, proxy Envoy's xDS stream to the control plane, and
+    /// write Envoy's bootstrap and run Envoy, until SIGTERM or SIGINT.
     Run {
         /// Where the key, certificate chain and root are kept (0600).
-        /// Default: Istio's /etc/certs.
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
+        #[arg(long, value_name = "DIR", default_value = identity::ISTIO_VM_CERT_DIR)]
+        state_dir: PathBuf,
+        /// Where Envoy's bootstrap (envoy-rev.json) and the xDS socket (XDS) go.
+        #[arg(long, value_name = "DIR", default_value = envoy::bootstrap::ISTIO_CONFIG_DIR)]
+        run_dir: PathBuf,
         /// The Unix socket Envoy's SDS cluster connects to.
         #[arg(long, value_name = "PATH", default_value = sds::DEFAULT_SOCKET_PATH)]
         sds_socket: PathBuf,
         /// Key algorithm for the workload key.
         #[arg(long, default_value_t = KeyAlgorithm::EcdsaP256)]
         key_algorithm: KeyAlgorithm,
+        /// The network interface whose address is the VM's mesh address
+        /// (env MESHVM_INTERFACE); default: ISTIO_SVC_IP, else the first
+        /// non-loopback address.
+        #[arg(long, value_name = "NAME")]
+        interface: Option<String>,
+        /// The Envoy binary to start and supervise.
+        #[arg(long, value_name = "PATH", default_value = "envoy")]
+        envoy: PathBuf,
+        /// Do not start Envoy (it is run separately, with the bootstrap the
+        /// agent writes).
+        #[arg(long, conflicts_with = "envoy")]
+        no_envoy: bool,
+        /// Envoy's admin port on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 15000)]
+        envoy_admin_port: u16,
+        /// Envoy's /healthz/ready port (0: any free port).
+        #[arg(long, default_value_t = 15021)]
+        envoy_status_port: u16,
+        /// Envoy's /stats/prometheus port (0: any free port).
+        #[arg(long, default_value_t = 15090)]
+        envoy_prometheus_port: u16,
     },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
@@ -132,20 +155,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run {
             state_dir,
+            run_dir,
             sds_socket,
             key_algorithm,
+            interface,
+            envoy,
+            no_envoy,
+            envoy_admin_port,
+            envoy_status_port,
+            envoy_prometheus_port,
         } => {
             let config = Config::load(&paths, &env)?;
-            let store = state_dir.map_or_else(CertStore::istio_vm, CertStore::new);
-            let mut options = IdentityOptions::from_config(&config, store);
-            options.key_algorithm = key_algorithm;
-            let client = CaClient::new(CaClientOptions::from_config(&config))?;
+            let options = AgentOptions {
+                state_dir,
+                run_dir,
+                sds_socket,
+                key_algorithm,
+                interface,
+                envoy: (!no_envoy).then_some(envoy),
+                admin_port: envoy_admin_port,
+                status_port: envoy_status_port,
+                prometheus_port: envoy_prometheus_port,
+            };
             tracing::info!(identity = %config.spiffe_id(), "starting");
-            tokio::runtime::Builder::new_current_thread()
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(serve_identity(client, options, &sds_socket))?;
+                .block_on(agent::run(config, &env, options, termination()))?;
         }
         Command::Secrets {
             sds_socket,
@@ -176,39 +214,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("writing to stdout")?;
         }
     }
-    Ok(())
-}
-
-/// Keeps the workload certificate current and serves it over SDS until a
-/// termination signal.
-async fn serve_identity(
-    client: CaClient,
-    options: IdentityOptions,
-    sds_socket: &std::path::Path,
-) -> anyhow::Result<()> {
-    let manager = IdentityManager::start(client, options);
-    let mut identities = manager.subscribe();
-    let (secrets, secrets_rx) = tokio::sync::watch::channel(None);
-    // Every identity the manager publishes becomes the SDS secrets.
-    let bridge = tokio::spawn(async move {
-        loop {
-            let current = identities.borrow_and_update().clone();
-            secrets
-                .send_replace(current.map(|id| Arc::new(WorkloadSecret::new(&id.key, &id.cert))));
-            if identities.changed().await.is_err() {
-                break;
-            }
-        }
-    });
-    let server = SdsServer::bind(sds_socket, secrets_rx)
-        .with_context(|| format!("binding the SDS socket {}", sds_socket.display()))?;
-    server
-        .serve_with_shutdown(termination())
-        .await
-        .context("SDS server")?;
-    tracing::info!("shutting down");
-    bridge.abort();
-    manager.stop().await;
     Ok(())
 }
 

@@ -272,6 +272,8 @@ fn run_refuses_malformed_onboarding_files_naming_file_and_line() {
         .arg(dir.path().join("certs"))
         .arg("--sds-socket")
         .arg(dir.path().join("sds.sock"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -282,4 +284,5 @@ fn run_refuses_malformed_onboarding_files_naming_file_and_line() {
     );
     assert!(!dir.path().join("certs").exists());
     assert!(!dir.path().join("sds.sock").exists());
+    assert!(!dir.path().join("run").exists());
 }

@@ -230,8 +230,9 @@ pub struct Agent {
 impl Agent {
     /// Runs the agent on `onboarding` with state and socket under `work`,
     /// against `ca_address`, with `env` added.
+    /// Without Envoy (`--no-envoy`): the identity and SDS part.
     pub fn spawn(onboarding: &Path, work: &Path, ca_address: &str, env: &[(&str, &str)]) -> Self {
-        Self::spawn_with_args(onboarding, work, ca_address, env, &[])
+        Self::spawn_with_args(onboarding, work, ca_address, env, &["--no-envoy"])
     }
 
     pub fn spawn_with_args(
@@ -252,6 +253,8 @@ impl Agent {
             .arg(&state_dir)
             .arg("--sds-socket")
             .arg(&sds_socket)
+            .arg("--run-dir")
+            .arg(work.join("run"))
             .args(args)
             .env("CA_ADDR", ca_address)
             .env("RUST_LOG", "info")

@@ -1,0 +1,131 @@
+//! `meshvm-agent run`: everything the agent does on a VM, started in order
+//! and stopped in reverse.
+//!
+//! 1. The identity manager obtains and renews the workload certificate.
+//! 2. The SDS server hands it to Envoy; the xDS proxy dials the control
+//!    plane with it and carries Envoy's ADS stream.
+//! 3. Envoy's bootstrap is written and Envoy is started and supervised
+//!    (unless Envoy is run by someone else).
+//!
+//! On shutdown Envoy drains and stops first, then the servers close and
+//! their sockets are removed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::ca_client::{CaClient, CaClientOptions};
+use crate::config::Config;
+use crate::envoy::{Bootstrap, BootstrapOptions, Supervisor, SupervisorOptions};
+use crate::identity::{CertStore, KeyAlgorithm};
+use crate::identity_manager::{IdentityManager, IdentityOptions};
+use crate::sds::{SdsServer, WorkloadSecret};
+use crate::xds::{XdsProxy, XdsProxyOptions};
+
+/// Where things are and what to run.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Key, chain and root (Istio: `/etc/certs`).
+    pub state_dir: PathBuf,
+    /// Bootstrap and the xDS socket (Istio: `/etc/istio/proxy`).
+    pub run_dir: PathBuf,
+    /// The SDS socket.
+    pub sds_socket: PathBuf,
+    pub key_algorithm: KeyAlgorithm,
+    /// The network interface whose address is the VM's mesh address.
+    pub interface: Option<String>,
+    /// Start and supervise this Envoy binary; `None`: Envoy is run by
+    /// someone else (it must use the bootstrap the agent writes).
+    pub envoy: Option<PathBuf>,
+    /// Envoy's admin, status (`/healthz/ready`) and Prometheus ports
+    /// (0: any free port, for several agents on one host).
+    pub admin_port: u16,
+    pub status_port: u16,
+    pub prometheus_port: u16,
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    env: &BTreeMap<String, String>,
+    options: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    // 1. Identity.
+    let mut identity_options =
+        IdentityOptions::from_config(&config, CertStore::new(&options.state_dir));
+    identity_options.key_algorithm = options.key_algorithm;
+    let client = CaClient::new(CaClientOptions::from_config(&config))?;
+    let manager = IdentityManager::start(client, identity_options);
+
+    // 2. SDS and xDS.
+    let mut identities = manager.subscribe();
+    let (secrets, secrets_rx) = watch::channel(None);
+    let bridge = tokio::spawn(async move {
+        loop {
+            let current = identities.borrow_and_update().clone();
+            secrets
+                .send_replace(current.map(|id| Arc::new(WorkloadSecret::new(&id.key, &id.cert))));
+            if identities.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let (stop_servers, servers_stopped) = watch::channel(false);
+    let stopped = |rx: &watch::Receiver<bool>| {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let sds = SdsServer::bind(&options.sds_socket, secrets_rx)
+        .with_context(|| format!("binding the SDS socket {}", options.sds_socket.display()))?;
+    let sds_task = tokio::spawn(sds.serve_with_shutdown(stopped(&servers_stopped)));
+    let proxy = XdsProxy::new(XdsProxyOptions::from_config(&config), manager.subscribe());
+    let xds_socket = options
+        .run_dir
+        .join(crate::envoy::bootstrap::XDS_SOCKET_FILE);
+    let xds_task = {
+        let proxy = proxy.clone();
+        let socket = xds_socket.clone();
+        let stop = stopped(&servers_stopped);
+        tokio::spawn(async move { proxy.serve(&socket, stop).await })
+    };
+
+    // 3. Envoy.
+    let mut bootstrap =
+        BootstrapOptions::for_host(&config, env, &options.run_dir, options.interface.as_deref())?;
+    bootstrap.sds_socket = options.sds_socket.clone();
+    bootstrap.xds_socket = xds_socket;
+    bootstrap.admin.set_port(options.admin_port);
+    bootstrap.status_port = options.status_port;
+    bootstrap.prometheus_port = options.prometheus_port;
+    let path = Bootstrap::write(&config, &bootstrap)?;
+    tracing::info!(
+        path = %path.display(),
+        address = %bootstrap.addresses.primary,
+        xds = bootstrap.xds_api.api_type(),
+        "wrote Envoy's bootstrap"
+    );
+    let supervisor = options.envoy.as_ref().map(|binary| {
+        let mut envoy = SupervisorOptions::for_bootstrap(&bootstrap);
+        envoy.binary = binary.clone();
+        Supervisor::start(envoy)
+    });
+
+    tracing::info!(identity = %config.spiffe_id(), "running");
+    shutdown.await;
+    tracing::info!("shutting down");
+    if let Some(supervisor) = supervisor {
+        supervisor.shutdown().await;
+    }
+    let _ = stop_servers.send(true);
+    let _ = sds_task.await;
+    let _ = xds_task.await;
+    bridge.abort();
+    manager.stop().await;
+    Ok(())
+}

@@ -9,6 +9,7 @@
 //! - [`config`]: the Kubernetes objects istiod would read from the cluster
 //!   (WorkloadGroups, WorkloadEntries, Services, Pods), from manifests in a
 //!   watched directory;
+//! - [`node`]: who a proxy says it is (its Envoy node), parsed as istiod does;
 //! - [`yaml`]: YAML written as Go's YAML library writes it;
 //! - [`echo`]: the echo app that plays a workload behind Envoy.
 
@@ -29,5 +30,6 @@ pub mod ca;
 pub mod config;
 pub mod echo;
 pub mod files;
+pub mod node;
 pub mod onboard;
 pub mod yaml;

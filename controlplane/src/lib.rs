@@ -32,4 +32,5 @@ pub mod echo;
 pub mod files;
 pub mod node;
 pub mod onboard;
+pub mod registry;
 pub mod yaml;

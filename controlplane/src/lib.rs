@@ -10,6 +10,9 @@
 //!   (WorkloadGroups, WorkloadEntries, Services, Pods), from manifests in a
 //!   watched directory;
 //! - [`node`]: who a proxy says it is (its Envoy node), parsed as istiod does;
+//! - [`registry`]: WorkloadEntry auto-registration of connecting VMs, kept
+//!   in a state directory;
+//! - [`get`]: WorkloadEntries printed as `kubectl get` prints them;
 //! - [`yaml`]: YAML written as Go's YAML library writes it;
 //! - [`echo`]: the echo app that plays a workload behind Envoy.
 
@@ -30,6 +33,7 @@ pub mod ca;
 pub mod config;
 pub mod echo;
 pub mod files;
+pub mod get;
 pub mod node;
 pub mod onboard;
 pub mod registry;

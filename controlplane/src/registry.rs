@@ -282,6 +282,9 @@ impl Registry {
             malformed = loaded.malformed.len(),
             "WorkloadEntries loaded"
         );
+        for error in loaded.malformed.values() {
+            tracing::warn!("{error}; the stored WorkloadEntry is left as it is");
+        }
         let (published, _) = watch::channel(Arc::new(Vec::new()));
         let inner = Arc::new(Inner {
             options,

@@ -312,23 +312,42 @@ fn finish(object: Object) -> Result<Object, ManifestProblem> {
     Ok(object)
 }
 
-/// A YAML error's message without its position, and its line in the file.
+/// A YAML error's message and its line in the file.
 fn located(e: &serde_norway::Error, first_line: usize) -> (String, Option<usize>) {
-    let message = e.to_string();
+    // The parser's " at line L column C" positions count from the start of
+    // the document; the file line of the error's location replaces them.
+    let message = without_positions(&e.to_string());
     match e.location() {
-        Some(loc) => {
-            // serde_norway appends " at line L column C" (positions in the
-            // document); the file line replaces it.
-            let text = message
-                .rfind(" at line ")
-                .map_or(message.as_str(), |i| &message[..i]);
-            (
-                format!("{text} (column {})", loc.column()),
-                Some(first_line + loc.line() - 1),
-            )
-        }
+        Some(loc) => (
+            format!("{message} (column {})", loc.column()),
+            Some(first_line + loc.line() - 1),
+        ),
         None => (message, None),
     }
+}
+
+/// `text` without its " at line L column C" parts.
+fn without_positions(text: &str) -> String {
+    const MARK: &str = " at line ";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + MARK.len()..];
+        let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let line_len = digits(after);
+        match after[line_len..].strip_prefix(" column ") {
+            Some(column) if line_len > 0 && digits(column) > 0 => {
+                rest = &column[digits(column)..];
+            }
+            _ => {
+                out.push_str(MARK);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -365,6 +384,17 @@ mod tests {
             (inline[0].first_line, inline[0].text.as_str()),
             (1, "    {a: 1}\n")
         );
+    }
+
+    #[test]
+    fn positions_are_removed_from_messages() {
+        assert_eq!(
+            without_positions(
+                "did not find expected ',' or '}' at line 6 column 5, while parsing a flow mapping at line 5 column 11"
+            ),
+            "did not find expected ',' or '}', while parsing a flow mapping"
+        );
+        assert_eq!(without_positions("seen at line x"), "seen at line x");
     }
 
     #[test]

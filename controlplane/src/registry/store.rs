@@ -98,9 +98,9 @@ impl WorkloadEntryStore {
                         stored.entries.insert(key, entry);
                     }
                     Err(problem) => {
-                        let error = StoredEntryError { path, problem };
-                        tracing::warn!("{error}; the stored WorkloadEntry is left as it is");
-                        stored.malformed.insert(key, error);
+                        stored
+                            .malformed
+                            .insert(key, StoredEntryError { path, problem });
                     }
                 }
             }

@@ -628,3 +628,21 @@ fn needs_a_runtime() {
     let e = Registry::open(tmp.path(), rx, options()).unwrap_err();
     assert!(matches!(e, RegistryError::NoRuntime));
 }
+
+#[test]
+fn shareable_across_streams() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: T) {}
+    let tmp = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let (_tx, rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
+    let registry = Registry::open(tmp.path(), rx, options()).unwrap();
+    send_sync(&registry);
+    let proxy = vm("10.0.0.12");
+    // The xDS server awaits `connect` in its stream tasks.
+    send(registry.connect(&proxy));
+}

@@ -6,6 +6,14 @@
 //!   caller authentication, `IstioCertificateService` over TLS);
 //! - [`onboard`]: the onboarding files `istioctl x workload entry configure`
 //!   writes for a WorkloadGroup, made with this CA;
+//! - [`config`]: the Kubernetes objects istiod would read from the cluster
+//!   (WorkloadGroups, WorkloadEntries, Services, Pods), from manifests in a
+//!   watched directory;
+//! - [`node`]: who a proxy says it is (its Envoy node), parsed as istiod does;
+//! - [`registry`]: WorkloadEntry auto-registration of connecting VMs, kept
+//!   in a state directory;
+//! - [`get`]: WorkloadEntries printed as `kubectl get` prints them;
+//! - [`yaml`]: YAML written as Go's YAML library writes it;
 //! - [`echo`]: the echo app that plays a workload behind Envoy.
 
 /// `impl From<$from> for $to` building `$to::$variant`: like thiserror's
@@ -22,6 +30,11 @@ macro_rules! from_error {
 }
 
 pub mod ca;
+pub mod config;
 pub mod echo;
 pub mod files;
+pub mod get;
+pub mod node;
 pub mod onboard;
+pub mod registry;
+pub mod yaml;

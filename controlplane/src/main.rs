@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use meshvm_controlplane::ca::server::{ServeOptions, serve};
 use meshvm_controlplane::ca::{CertTtlPolicy, MeshCa};
 use meshvm_controlplane::echo::EchoApp;
+use meshvm_controlplane::get::{self, GetRequest, OutputFormat, Scope};
 use meshvm_controlplane::onboard::{self, OnboardOptions};
 
 #[derive(Parser)]
@@ -95,6 +96,30 @@ enum Command {
               action = clap::ArgAction::Set)]
         capture_dns: bool,
     },
+    /// Print WorkloadEntries as `kubectl get workloadentries` does: the ones
+    /// the control plane registered (--state-dir) and the config
+    /// directory's.
+    Get {
+        /// The resource: workloadentries (workloadentry, we).
+        resource: String,
+        /// Entries to print by name [default: all in the namespace].
+        names: Vec<String>,
+        /// The namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// List entries in all namespaces.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+        /// Output format: yaml, json or wide [default: a table].
+        #[arg(short = 'o', long)]
+        output: Option<OutputFormat>,
+        /// The control plane's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The control plane's config directory.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+    },
     /// Serve the CA (istio.v1.auth.IstioCertificateService) over TLS.
     Serve {
         #[command(flatten)]
@@ -175,6 +200,35 @@ fn main() -> anyhow::Result<()> {
                 "Configuration generation into directory {} was successful",
                 output.display()
             );
+            Ok(())
+        }
+        Command::Get {
+            resource,
+            names,
+            namespace,
+            all_namespaces,
+            output,
+            state_dir,
+            config_dir,
+        } => {
+            let request = GetRequest {
+                resource,
+                names,
+                scope: if all_namespaces {
+                    Scope::AllNamespaces
+                } else {
+                    Scope::Namespace(namespace)
+                },
+                format: output.unwrap_or_default(),
+                state_dir,
+                config_dir,
+            };
+            let printed = get::get(&request, std::time::SystemTime::now())?;
+            print!("{}", printed.stdout);
+            eprint!("{}", printed.stderr);
+            if !printed.success {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Serve {

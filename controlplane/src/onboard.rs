@@ -21,8 +21,6 @@
 //! (istioctl: 0744 for all). Every file is written atomically.
 
 pub mod shell;
-pub mod workload_group;
-pub mod yaml;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,10 +32,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::ca::{MeshCa, TokenError};
+use crate::config::manifest::{Object, parse_manifests};
+use crate::config::{ManifestError, ManifestProblem};
 use crate::files;
+use crate::yaml::{self, Node};
 
-pub use workload_group::{ManifestError, WorkloadGroup};
-use yaml::Node;
+pub use crate::config::WorkloadGroup;
 
 /// `--clusterID` when the cluster does not name itself
 /// (`global.multiCluster.clusterName` default).
@@ -125,8 +125,10 @@ impl OnboardOptions {
 pub enum OnboardError {
     #[error("{}: {error}", path.display())]
     Read { path: PathBuf, error: io::Error },
-    #[error("{}: {error}", path.display())]
-    Manifest { path: PathBuf, error: ManifestError },
+    #[error("{0}")]
+    Manifest(Box<ManifestError>),
+    #[error("{}: expected one WorkloadGroup, found {count} objects", path.display())]
+    NotOneObject { path: PathBuf, count: usize },
     #[error("annotation {PROXY_CONFIG_ANNOTATION}: {0}")]
     ProxyConfig(String),
     #[error("--internal-ip and --external-ip are mutually exclusive")]
@@ -186,16 +188,48 @@ impl OnboardingFiles {
     }
 }
 
-/// Reads a WorkloadGroup manifest file.
+/// Reads a WorkloadGroup manifest file (one document, with a namespace:
+/// onboarding has no default namespace to fall back on).
 pub fn read_workload_group(path: &Path) -> Result<WorkloadGroup, OnboardError> {
     let text = std::fs::read_to_string(path).map_err(|error| OnboardError::Read {
         path: path.to_path_buf(),
         error,
     })?;
-    WorkloadGroup::from_yaml(&text).map_err(|error| OnboardError::Manifest {
-        path: path.to_path_buf(),
-        error,
-    })
+    let (mut objects, errors) = parse_manifests(path, &text);
+    if let Some(error) = errors.into_iter().next() {
+        return Err(OnboardError::Manifest(Box::new(error)));
+    }
+    if objects.len() != 1 {
+        return Err(OnboardError::NotOneObject {
+            path: path.to_path_buf(),
+            count: objects.len(),
+        });
+    }
+    match objects.remove(0) {
+        (Object::WorkloadGroup(wg), source) => match wg.metadata.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => Ok(wg),
+            _ => Err(OnboardError::Manifest(Box::new(ManifestError {
+                file: path.to_path_buf(),
+                document: Some(source.document),
+                item: None,
+                line: Some(source.line),
+                problem: ManifestProblem::field(
+                    "metadata.namespace",
+                    "not set; onboarding needs the namespace",
+                ),
+            }))),
+        },
+        (other, source) => Err(OnboardError::Manifest(Box::new(ManifestError {
+            file: path.to_path_buf(),
+            document: Some(source.document),
+            item: source.item,
+            line: Some(source.line),
+            problem: ManifestProblem::WrongKind {
+                found: other.kind().to_string(),
+                expected: crate::config::workload_group::KIND,
+            },
+        }))),
+    }
 }
 
 /// One entry of `ISTIO_META_POD_PORTS` (istio `model.PodPort`).
@@ -261,10 +295,7 @@ pub fn render(
     metadata.insert("TRUST_DOMAIN".into(), ca.trust_domain().into());
     metadata.insert("ISTIO_META_CLUSTER_ID".into(), options.cluster_id.clone());
     metadata.insert("ISTIO_META_MESH_ID".into(), mesh_id);
-    metadata.insert(
-        "ISTIO_META_NETWORK".into(),
-        template.network.clone().unwrap_or_default(),
-    );
+    metadata.insert("ISTIO_META_NETWORK".into(), template.network.clone());
     if !template.ports.is_empty() {
         let ports: Vec<PodPort<'_>> = template
             .ports

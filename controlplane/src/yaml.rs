@@ -1,5 +1,6 @@
-//! A YAML writer for mesh.yaml that reproduces what istioctl's
-//! `sigs.k8s.io/yaml` (go-yaml v2) writes: block style, map keys in go-yaml's
+//! A YAML writer that reproduces what Go's `sigs.k8s.io/yaml` (go-yaml v2)
+//! writes, used for istioctl's mesh.yaml and for objects as `kubectl get -o
+//! yaml` shows them: block style, map keys in go-yaml's
 //! "natural" order (non-letters before letters, digit runs compared as
 //! numbers: `ISTIO_META_X` before `ISTIO_METAJSON_LABELS`), sequences not
 //! indented under their key, and go-yaml's choice of scalar style:
@@ -55,6 +56,36 @@ impl Node {
             ),
             Value::Tagged(tagged) => Node::from_yaml(&tagged.value),
         }
+    }
+}
+
+impl Node {
+    /// Converts a JSON value (how kubectl turns an object into YAML).
+    pub fn from_json(value: &serde_json::Value) -> Self {
+        use serde_json::Value;
+        match value {
+            Value::Null => Node::Null,
+            Value::Bool(b) => Node::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Node::Int(i),
+                None => Node::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Node::Str(s.clone()),
+            Value::Array(items) => Node::Seq(items.iter().map(Node::from_json).collect()),
+            Value::Object(map) => Node::Map(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), Node::from_json(v)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Writes a JSON object as a YAML document (`{}` for anything else).
+pub fn json_to_string(value: &serde_json::Value) -> String {
+    match Node::from_json(value) {
+        Node::Map(map) => to_string(&map),
+        _ => "{}\n".into(),
     }
 }
 

@@ -1,18 +1,18 @@
-//! The WorkloadGroup manifest (`networking.istio.io/v1`, `v1beta1` or
-//! `v1alpha3`), as far as onboarding reads it.
+//! The WorkloadGroup (`networking.istio.io/v1`, `v1beta1` or `v1alpha3`):
+//! the template VMs of one kind are onboarded with (`onboard`) and
+//! auto-registered from (`registry`).
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::yaml::Node;
+use super::meta::{ObjectMeta, is_dns_subdomain};
+use super::workload_entry::WorkloadEntrySpec;
+use super::{ISTIO_API_VERSIONS, ManifestProblem};
+use crate::yaml::Node;
 
-/// API versions a WorkloadGroup may have.
-pub const API_VERSIONS: &[&str] = &[
-    "networking.istio.io/v1",
-    "networking.istio.io/v1beta1",
-    "networking.istio.io/v1alpha3",
-];
+/// The kind's name.
+pub const KIND: &str = "WorkloadGroup";
 
 /// A WorkloadGroup.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -25,18 +25,6 @@ pub struct WorkloadGroup {
     pub spec: WorkloadGroupSpec,
 }
 
-/// The object's metadata (other Kubernetes fields are ignored).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct ObjectMeta {
-    pub name: String,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-}
-
 /// `spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,9 +32,10 @@ pub struct WorkloadGroupSpec {
     /// Labels and annotations for the WorkloadEntries.
     #[serde(default)]
     pub metadata: EntryMeta,
-    /// The WorkloadEntry template.
+    /// The WorkloadEntry template (a WorkloadEntry spec; its address is
+    /// replaced by the VM's).
     #[serde(default)]
-    pub template: Template,
+    pub template: WorkloadEntrySpec,
     /// The readiness probe (mesh.yaml `readinessProbe`).
     #[serde(default)]
     pub probe: Option<Probe>,
@@ -60,26 +49,6 @@ pub struct EntryMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
-}
-
-/// `spec.template`: a WorkloadEntry without its address.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Template {
-    #[serde(default)]
-    pub address: Option<String>,
-    #[serde(default)]
-    pub ports: BTreeMap<String, u32>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub network: Option<String>,
-    #[serde(default)]
-    pub locality: Option<String>,
-    #[serde(default)]
-    pub weight: Option<u32>,
-    #[serde(default)]
-    pub service_account: Option<String>,
 }
 
 /// `spec.probe` (istio.networking.v1alpha3.ReadinessProbe).
@@ -151,86 +120,24 @@ pub struct Grpc {
     pub service: String,
 }
 
-/// Why a manifest is not a usable WorkloadGroup.
-#[derive(Debug, thiserror::Error)]
-pub enum ManifestError {
-    #[error("{0}")]
-    Yaml(String),
-    #[error("kind is `{0}`, expected WorkloadGroup")]
-    Kind(String),
-    #[error("apiVersion `{0}` is not one of {API_VERSIONS:?}")]
-    ApiVersion(String),
-    #[error("{field}: {problem}")]
-    Field { field: String, problem: String },
-}
-
 impl WorkloadGroup {
-    /// Parses and checks a manifest.
-    pub fn from_yaml(text: &str) -> Result<Self, ManifestError> {
-        let wg: WorkloadGroup = serde_norway::from_str(text).map_err(|e| {
-            ManifestError::Yaml(match e.location() {
-                Some(loc) => format!(
-                    "line {} column {}: {}",
-                    loc.line(),
-                    loc.column(),
-                    strip_location(&e.to_string())
-                ),
-                None => e.to_string(),
-            })
-        })?;
-        if wg.kind != "WorkloadGroup" {
-            return Err(ManifestError::Kind(wg.kind));
+    /// Checks what the API server and Istio's validation would refuse.
+    pub fn validate(&self) -> Result<(), ManifestProblem> {
+        if self.kind != KIND {
+            return Err(ManifestProblem::WrongKind {
+                found: self.kind.clone(),
+                expected: KIND,
+            });
         }
-        if !API_VERSIONS.contains(&wg.api_version.as_str()) {
-            return Err(ManifestError::ApiVersion(wg.api_version));
+        if !ISTIO_API_VERSIONS.contains(&self.api_version.as_str()) {
+            return Err(ManifestProblem::ApiVersion {
+                kind: KIND,
+                found: self.api_version.clone(),
+                expected: ISTIO_API_VERSIONS,
+            });
         }
-        wg.check()?;
-        Ok(wg)
-    }
-
-    fn check(&self) -> Result<(), ManifestError> {
-        let field = |field: &str, problem: String| ManifestError::Field {
-            field: field.into(),
-            problem,
-        };
-        if !crate::ca::spiffe::is_dns_subdomain(&self.metadata.name) {
-            return Err(field(
-                "metadata.name",
-                format!("`{}` is not a Kubernetes name", self.metadata.name),
-            ));
-        }
-        match self.metadata.namespace.as_deref() {
-            None | Some("") => {
-                return Err(field(
-                    "metadata.namespace",
-                    "not set; onboarding needs the namespace".into(),
-                ));
-            }
-            Some(ns) if !crate::ca::spiffe::is_dns_label(ns) => {
-                return Err(field(
-                    "metadata.namespace",
-                    format!("`{ns}` is not a Kubernetes namespace name"),
-                ));
-            }
-            Some(_) => {}
-        }
-        if let Some(sa) = self.spec.template.service_account.as_deref()
-            && !sa.is_empty()
-            && !crate::ca::spiffe::is_dns_subdomain(sa)
-        {
-            return Err(field(
-                "spec.template.serviceAccount",
-                format!("`{sa}` is not a Kubernetes name"),
-            ));
-        }
-        for (name, port) in &self.spec.template.ports {
-            if !(1..=65535).contains(port) {
-                return Err(field(
-                    &format!("spec.template.ports.{name}"),
-                    format!("{port} is not a port (1-65535)"),
-                ));
-            }
-        }
+        super::check_object_name(&self.metadata, is_dns_subdomain)?;
+        self.spec.template.validate("spec.template")?;
         if let Some(probe) = &self.spec.probe {
             let methods = [
                 probe.http_get.as_ref().map(|h| ("httpGet", h.port)),
@@ -240,45 +147,62 @@ impl WorkloadGroup {
             ];
             let set: Vec<_> = methods.iter().flatten().collect();
             if set.len() > 1 {
-                return Err(field(
+                return Err(ManifestProblem::field(
                     "spec.probe",
-                    "set one of httpGet, tcpSocket, exec, grpc".into(),
+                    "set one of httpGet, tcpSocket, exec, grpc",
                 ));
             }
             if let Some((method, port)) = set.first()
                 && !(1..=65535).contains(port)
             {
-                return Err(field(
-                    &format!("spec.probe.{method}.port"),
+                return Err(ManifestProblem::field(
+                    format!("spec.probe.{method}.port"),
                     format!("{port} is not a port (1-65535)"),
                 ));
             }
             if probe.exec.as_ref().is_some_and(|e| e.command.is_empty()) {
-                return Err(field("spec.probe.exec.command", "is empty".into()));
+                return Err(ManifestProblem::field(
+                    "spec.probe.exec.command",
+                    "is empty",
+                ));
             }
         }
         Ok(())
     }
 
-    /// The namespace (checked to be set).
+    /// The namespace ([`super::DEFAULT_NAMESPACE`] if unset).
     pub fn namespace(&self) -> &str {
-        self.metadata.namespace.as_deref().unwrap_or_default()
+        self.metadata.namespace()
     }
 
     /// The template's service account, `default` if unset (as istioctl).
     pub fn service_account(&self) -> &str {
-        match self.spec.template.service_account.as_deref() {
-            None | Some("") => "default",
-            Some(sa) => sa,
+        match self.spec.template.service_account.as_str() {
+            "" => "default",
+            sa => sa,
         }
     }
-}
 
-fn strip_location(message: &str) -> &str {
-    // serde_norway appends " at line L column C"; the caller prefixes it.
-    message
-        .rfind(" at line ")
-        .map_or(message, |i| &message[..i])
+    /// The group's uid: `metadata.uid` if the manifest has one, else one
+    /// derived from the namespace and name, so WorkloadEntries' owner
+    /// references stay valid across restarts of the control plane.
+    pub fn uid(&self) -> String {
+        match self.metadata.uid.as_deref() {
+            Some(uid) if !uid.is_empty() => uid.to_string(),
+            _ => {
+                let digest = ring::digest::digest(
+                    &ring::digest::SHA256,
+                    format!("{KIND}/{}/{}", self.namespace(), self.metadata.name).as_bytes(),
+                );
+                let mut bytes = [0u8; 16];
+                bytes.copy_from_slice(&digest.as_ref()[..16]);
+                // An RFC 9562 name-based UUID layout (version 5 bits).
+                bytes[6] = (bytes[6] & 0x0f) | 0x50;
+                bytes[8] = (bytes[8] & 0x3f) | 0x80;
+                super::meta::uuid_string(&bytes)
+            }
+        }
+    }
 }
 
 impl Probe {

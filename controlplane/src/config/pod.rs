@@ -1,0 +1,102 @@
+//! The Kubernetes Pod (`v1`), as far as the mesh needs it: its labels (for
+//! Service selectors), its service account (its identity) and its IP (the
+//! endpoint address).
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use super::ManifestProblem;
+use super::meta::{ObjectMeta, is_dns_subdomain};
+
+/// The kind's name.
+pub const KIND: &str = "Pod";
+/// The core API's version.
+pub const API_VERSION: &str = "v1";
+
+/// A Pod; containers and the rest of the spec are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+/// `spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    /// Deprecated alias of `serviceAccountName`, still honoured.
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct PodStatus {
+    /// Unset until the Pod is scheduled and has a network.
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+}
+
+impl Pod {
+    /// Checks what the API server would refuse.
+    pub fn validate(&self) -> Result<(), ManifestProblem> {
+        if self.kind != KIND {
+            return Err(ManifestProblem::WrongKind {
+                found: self.kind.clone(),
+                expected: KIND,
+            });
+        }
+        if self.api_version != API_VERSION {
+            return Err(ManifestProblem::ApiVersion {
+                kind: KIND,
+                found: self.api_version.clone(),
+                expected: &[API_VERSION],
+            });
+        }
+        super::check_object_name(&self.metadata, is_dns_subdomain)?;
+        if let Some(sa) = self.spec.service_account_name.as_deref()
+            && !sa.is_empty()
+            && !is_dns_subdomain(sa)
+        {
+            return Err(ManifestProblem::field(
+                "spec.serviceAccountName",
+                format!("`{sa}` is not a Kubernetes name"),
+            ));
+        }
+        if let Some(ip) = self.status.pod_ip.as_deref()
+            && !ip.is_empty()
+            && ip.parse::<IpAddr>().is_err()
+        {
+            return Err(ManifestProblem::field(
+                "status.podIP",
+                format!("`{ip}` is not an IP address"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The service account the Pod runs as: `serviceAccountName`, else the
+    /// deprecated `serviceAccount`, else `default`.
+    pub fn service_account(&self) -> &str {
+        [&self.spec.service_account_name, &self.spec.service_account]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .find(|sa| !sa.is_empty())
+            .unwrap_or("default")
+    }
+
+    /// The Pod's IP, if it has one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.status.pod_ip.as_deref()?.parse().ok()
+    }
+}

@@ -37,7 +37,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut config = tonic_prost_build::Config::new();
     config
         .enable_type_names()
-        .type_name_domain(["."], "type.googleapis.com");
+        .type_name_domain(["."], "type.googleapis.com")
+        // Ordered maps: a NameTable encodes to the same bytes every time, so
+        // its digest can serve as the xDS version.
+        .btree_map(["."]);
 
     tonic_prost_build::configure()
         .build_client(true)

@@ -12,6 +12,8 @@
 //! - [`node`]: who a proxy says it is (its Envoy node), parsed as istiod does;
 //! - [`registry`]: WorkloadEntry auto-registration of connecting VMs, kept
 //!   in a state directory;
+//! - [`xds`]: the ADS server VMs' agents connect to (registration, the
+//!   NameTable, health reports), served with the CA by [`server`];
 //! - [`get`]: WorkloadEntries printed as `kubectl get` prints them;
 //! - [`yaml`]: YAML written as Go's YAML library writes it;
 //! - [`echo`]: the echo app that plays a workload behind Envoy.
@@ -37,4 +39,6 @@ pub mod get;
 pub mod node;
 pub mod onboard;
 pub mod registry;
+pub mod server;
+pub mod xds;
 pub mod yaml;

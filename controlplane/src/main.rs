@@ -7,11 +7,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use meshvm_controlplane::ca::server::{ServeOptions, serve};
+use meshvm_controlplane::ca::server::ServeOptions;
 use meshvm_controlplane::ca::{CertTtlPolicy, MeshCa};
+use meshvm_controlplane::config::watcher::DEFAULT_POLL_INTERVAL;
+use meshvm_controlplane::config::{ConfigSnapshot, ConfigWatcher};
 use meshvm_controlplane::echo::EchoApp;
 use meshvm_controlplane::get::{self, GetRequest, OutputFormat, Scope};
 use meshvm_controlplane::onboard::{self, OnboardOptions};
+use meshvm_controlplane::registry::{Registry, RegistryOptions};
+use meshvm_controlplane::server;
+use meshvm_controlplane::xds::XdsServer;
 
 #[derive(Parser)]
 #[command(name = "meshvm-controlplane", version, about)]
@@ -113,15 +118,29 @@ enum Command {
         /// Output format: yaml, json or wide [default: a table].
         #[arg(short = 'o', long)]
         output: Option<OutputFormat>,
-        /// The control plane's state directory.
+        /// The control plane's state directory [default:
+        /// $XDG_STATE_HOME/meshvm/controlplane].
         #[arg(long)]
-        state_dir: PathBuf,
+        state_dir: Option<PathBuf>,
         /// The control plane's config directory.
         #[arg(long)]
         config_dir: Option<PathBuf>,
     },
-    /// Serve the CA (istio.v1.auth.IstioCertificateService) over TLS.
+    /// Serve the CA (istio.v1.auth.IstioCertificateService) and ADS (VM
+    /// registration, the NameTable) over TLS, as istiod on port 15012.
     Serve {
+        /// Kubernetes-style manifests (WorkloadGroup, WorkloadEntry, Service,
+        /// Pod), reloaded on change.
+        #[arg(long, value_name = "DIR")]
+        config_dir: Option<PathBuf>,
+        /// Where auto-registered WorkloadEntries are kept [default:
+        /// $XDG_STATE_HOME/meshvm/controlplane].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// How long a disconnected VM's WorkloadEntry is kept for it to
+        /// reconnect (PILOT_WORKLOAD_ENTRY_GRACE_PERIOD).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        grace_period: Duration,
         #[command(flatten)]
         ca: CaArgs,
         /// Address to listen on.
@@ -220,7 +239,10 @@ fn main() -> anyhow::Result<()> {
                     Scope::Namespace(namespace)
                 },
                 format: output.unwrap_or_default(),
-                state_dir,
+                state_dir: match state_dir {
+                    Some(dir) => dir,
+                    None => default_state_dir()?.join("controlplane"),
+                },
                 config_dir,
             };
             let printed = get::get(&request, std::time::SystemTime::now())?;
@@ -232,6 +254,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve {
+            config_dir,
+            state_dir,
+            grace_period,
             ca,
             listen,
             cluster_id,
@@ -248,11 +273,44 @@ fn main() -> anyhow::Result<()> {
                 max: max_cert_ttl,
             };
             let ca = Arc::new(ca.load()?.with_ttl_policy(policy));
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            let state_dir = match state_dir {
+                Some(dir) => dir,
+                None => default_state_dir()?.join("controlplane"),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(async move {
+                // The config directory, watched; without one, an empty mesh.
+                let (watcher, config) = match &config_dir {
+                    Some(dir) => {
+                        let watcher = ConfigWatcher::start(dir, DEFAULT_POLL_INTERVAL)
+                            .with_context(|| {
+                                format!("reading the config directory {}", dir.display())
+                            })?;
+                        let config = watcher.subscribe();
+                        (Some(watcher), config)
+                    }
+                    None => {
+                        tracing::warn!("no --config-dir: no WorkloadGroups, VMs cannot register");
+                        (
+                            None,
+                            tokio::sync::watch::channel(Arc::new(ConfigSnapshot::default())).1,
+                        )
+                    }
+                };
+                let options = RegistryOptions {
+                    grace_period,
+                    ..RegistryOptions::default()
+                };
+                let registry = Arc::new(
+                    Registry::open(&state_dir, config.clone(), options).with_context(|| {
+                        format!("opening the state directory {}", state_dir.display())
+                    })?,
+                );
+                let xds = XdsServer::new(ca.clone(), registry.clone(), config);
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("listening on {listen}"))?;
@@ -260,24 +318,46 @@ fn main() -> anyhow::Result<()> {
                     cluster_id,
                     extra_dns_names: dns_names,
                 };
-                let shutdown = async {
-                    let _ = tokio::signal::ctrl_c().await;
-                    tracing::info!("shutting down");
-                };
-                serve(ca, listener, options, shutdown).await?;
+                server::serve(ca, Some(xds), listener, options, termination()).await?;
+                tracing::info!("shutting down");
+                drop(watcher);
                 Ok(())
             })
         }
     }
 }
 
-fn default_ca_dir() -> anyhow::Result<PathBuf> {
+/// Completes on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// `$XDG_STATE_HOME/meshvm`, else `~/.local/state/meshvm`.
+fn default_state_dir() -> anyhow::Result<PathBuf> {
     let state = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; pass --ca-dir")?)
-            .join(".local/state"),
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("HOME is not set; pass --state-dir/--ca-dir")?,
+        )
+        .join(".local/state"),
     };
-    Ok(state.join("meshvm/ca"))
+    Ok(state.join("meshvm"))
+}
+
+fn default_ca_dir() -> anyhow::Result<PathBuf> {
+    Ok(default_state_dir()?.join("ca"))
 }
 
 /// `3600`, `3600s`, `60m`, `1h`.

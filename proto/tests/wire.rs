@@ -4,7 +4,7 @@
 //! type; wire type 0 = varint, 2 = length-delimited), so a wrong field number
 //! or type in our .proto files fails here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use meshvm_proto::istio::networking::nds::v1::{NameTable, name_table::NameInfo};
 use meshvm_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
@@ -142,7 +142,7 @@ fn ratings_info_wire() -> Vec<u8> {
 fn name_table_encodes_to_reference_field_numbers() {
     let host = "ratings.vm-ns.svc.cluster.local";
     let table = NameTable {
-        table: HashMap::from([(host.to_owned(), ratings_info())]),
+        table: BTreeMap::from([(host.to_owned(), ratings_info())]),
     };
     // table = 1 is a map: one length-delimited entry per key, the entry being
     // {key = 1 (string), value = 2 (NameInfo)}.

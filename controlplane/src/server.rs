@@ -35,6 +35,15 @@ pub async fn serve(
         if xds.is_some() { " and ADS" } else { "" }
     );
     let ca_service = CaService::new(ca, options.cluster_id.clone()).into_server();
+    // ADS streams never end by themselves: close them when shutting down,
+    // or the server would wait for them forever.
+    let closer = xds.clone();
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(xds) = closer {
+            xds.close_all_streams();
+        }
+    };
     Server::builder()
         .tls_config(tls)?
         .add_service(ca_service)

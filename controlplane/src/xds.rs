@@ -65,6 +65,8 @@ struct Inner {
     config: watch::Receiver<Arc<ConfigSnapshot>>,
     nonces: AtomicU64,
     connections: watch::Sender<usize>,
+    /// Set when the control plane shuts down: every stream ends.
+    closing: watch::Sender<bool>,
 }
 
 impl XdsServer {
@@ -82,6 +84,7 @@ impl XdsServer {
                 config,
                 nonces: AtomicU64::new(1),
                 connections: watch::channel(0).0,
+                closing: watch::channel(false).0,
             }),
         }
     }
@@ -89,6 +92,13 @@ impl XdsServer {
     /// The number of connected proxies (streams past registration).
     pub fn connections(&self) -> watch::Receiver<usize> {
         self.inner.connections.subscribe()
+    }
+
+    /// Ends every stream with `Unavailable` (the proxies reconnect, to this
+    /// control plane once it is back or to another): for shutdown, since a
+    /// server waits for open streams before it stops.
+    pub fn close_all_streams(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     /// Wrapped for a tonic server; accepts pushes as large as a big mesh's.
@@ -186,6 +196,7 @@ async fn serve_stream<P: ServerProtocol>(
 
     let mut config = inner.config.clone();
     let mut entries = inner.registry.subscribe();
+    let mut closing = inner.closing.subscribe();
     let mut sent = Sent::default();
     let mut request = Some(first);
     loop {
@@ -203,6 +214,10 @@ async fn serve_stream<P: ServerProtocol>(
                     break;
                 }
             },
+            () = async { let _ = closing.wait_for(|closing| *closing).await; } => {
+                let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                break;
+            }
             changed = config.changed() => {
                 if changed.is_err() || !push_changes::<P>(&inner, &mut sent, &tx).await {
                     break;

@@ -63,7 +63,7 @@ pub enum UpstreamError {
     },
     /// The control plane answered the stream with an error (e.g. the
     /// identity check or auto-registration refused this proxy).
-    #[error("the control plane refused the stream: {}: {}", .0.code(), .0.message())]
+    #[error("the control plane refused the stream: {:?}: {}", .0.code(), .0.message())]
     Refused(tonic::Status),
 }
 

@@ -21,9 +21,10 @@
 # b. The control plane's cost of VMS simulated VMs (controlplane/examples/
 #    vm_swarm.rs: one TLS connection and ADS stream each, CONCURRENCY
 #    registrations in flight) on a fresh control plane: RSS (VmRSS, VmHWM)
-#    and CPU time (utime + stime) before, when all are registered, 2 s later
-#    (settled: registration's work is done), after holding them idle HOLD s
-#    more, and after they closed and their entries were deleted; registration
+#    and CPU time (utime + stime) before, when all are registered, once it
+#    has settled (a second nearly without CPU: registration's work is done),
+#    after holding them idle HOLD s more, and after they closed and their
+#    entries were deleted; registration
 #    time and per-VM latency from the tool; the state directory's size per
 #    entry.
 #
@@ -144,10 +145,10 @@ start_cp swarm 1s
 TICK=$(getconf CLK_TCK)
 # sample LABEL: the control plane's CPU time (ms), memory (KiB), threads,
 # open descriptors, and the time (s), as one line of `key=value`.
+cpu_ms() { sed 's/.*) //' "/proc/$swarm_PID/stat" | awk -v t="$TICK" '{printf "%d", ($12 + $13) * 1000 / t}'; }
 sample() {
-  local pid=$swarm_PID cpu
-  cpu=$(sed 's/.*) //' "/proc/$pid/stat" | awk -v t="$TICK" '{printf "%d", ($12 + $13) * 1000 / t}')
-  echo "label=$1 t=$(date +%s.%N) cpu_ms=$cpu" \
+  local pid=$swarm_PID
+  echo "label=$1 t=$(date +%s.%N) cpu_ms=$(cpu_ms)" \
     "rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")" \
     "hwm_kib=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status")" \
     "threads=$(awk '/^Threads/ {print $2}' "/proc/$pid/status")" \
@@ -175,8 +176,12 @@ sample registered
 ls "$T/swarm/workloadentries/vm-ns" | grep -c '^ratings-vm-10\.' >"$T/entries"
 du -sb "$T/swarm/workloadentries/vm-ns" | cut -f1 >"$T/disk_bytes"
 du -sk "$T/swarm/workloadentries/vm-ns" | cut -f1 >"$T/disk_kib"
-# Streams still busy with the last registrations' updates finish first.
-sleep 2
+# Settled: streams still busy with the last registrations' updates have
+# finished (a second with at most 20 ms of CPU; at most 2 min).
+for _ in $(seq 120); do
+  c0=$(cpu_ms); sleep 1; c1=$(cpu_ms)
+  [ $((c1 - c0)) -le 20 ] && break
+done
 sample settled
 sleep "$HOLD"
 sample held

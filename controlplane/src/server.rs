@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
-use crate::ca::server::{ServeError, ServeOptions, tls_config};
+use crate::ca::server::{ServeError, ServeOptions, incoming, tls_config};
 use crate::ca::{CaService, MeshCa};
 use crate::xds::XdsServer;
 
@@ -48,7 +47,7 @@ pub async fn serve(
         .tls_config(tls)?
         .add_service(ca_service)
         .add_optional_service(xds.map(XdsServer::into_server))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }

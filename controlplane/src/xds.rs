@@ -59,10 +59,18 @@ pub struct XdsServer {
     inner: Arc<Inner>,
 }
 
+/// A response's content, built once per change and shared by all streams.
+#[derive(Debug, Clone, Default)]
+struct Built {
+    version: String,
+    resources: Vec<NamedResource>,
+}
+
 struct Inner {
     ca: Arc<MeshCa>,
     registry: Arc<Registry>,
-    config: watch::Receiver<Arc<ConfigSnapshot>>,
+    /// The NameTable of the current config and registered entries.
+    name_table: watch::Receiver<Arc<Built>>,
     nonces: AtomicU64,
     connections: watch::Sender<usize>,
     /// Set when the control plane shuts down: every stream ends.
@@ -71,17 +79,20 @@ struct Inner {
 
 impl XdsServer {
     /// Serves proxies authenticated by `ca`, registered in `registry`,
-    /// configured from `config`.
+    /// configured from `config`. Must be called inside a Tokio runtime: a
+    /// task rebuilds what the streams send when the config or the
+    /// registered entries change (once per change, not once per stream).
     pub fn new(
         ca: Arc<MeshCa>,
         registry: Arc<Registry>,
         config: watch::Receiver<Arc<ConfigSnapshot>>,
     ) -> Self {
+        let name_table = spawn_name_table_builder(config, registry.subscribe());
         Self {
             inner: Arc::new(Inner {
                 ca,
                 registry,
-                config,
+                name_table,
                 nonces: AtomicU64::new(1),
                 connections: watch::channel(0).0,
                 closing: watch::channel(false).0,
@@ -194,8 +205,7 @@ async fn serve_stream<P: ServerProtocol>(
     );
     inner.connections.send_modify(|n| *n += 1);
 
-    let mut config = inner.config.clone();
-    let mut entries = inner.registry.subscribe();
+    let mut name_table = inner.name_table.clone();
     let mut closing = inner.closing.subscribe();
     let mut sent = Sent::default();
     let mut request = Some(first);
@@ -218,12 +228,7 @@ async fn serve_stream<P: ServerProtocol>(
                 let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
                 break;
             }
-            changed = config.changed() => {
-                if changed.is_err() || !push_changes::<P>(&inner, &mut sent, &tx).await {
-                    break;
-                }
-            }
-            changed = entries.changed() => {
+            changed = name_table.changed() => {
                 if changed.is_err() || !push_changes::<P>(&inner, &mut sent, &tx).await {
                     break;
                 }
@@ -330,50 +335,98 @@ async fn respond<P: ServerProtocol>(
     type_url: &str,
     always: bool,
 ) -> bool {
-    let resources = resources_for(inner, type_url);
-    let version = version_of(&resources);
-    let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
+    let built = built_for(inner, type_url);
     let previous = sent.types.get(type_url);
-    if !always && previous.is_some_and(|(v, _)| *v == version) {
+    if !always && previous.is_some_and(|(v, _)| *v == built.version) {
         return true;
     }
+    let names: Vec<String> = built.resources.iter().map(|r| r.name.clone()).collect();
     let removed: Vec<String> = previous
         .map(|(_, old)| old.iter().filter(|n| !names.contains(n)).cloned().collect())
         .unwrap_or_default();
     let nonce = inner.nonces.fetch_add(1, Ordering::Relaxed).to_string();
-    let response = P::response(type_url, &version, &nonce, resources, removed);
-    sent.types.insert(type_url.to_string(), (version, names));
+    let response = P::response(
+        type_url,
+        &built.version,
+        &nonce,
+        built.resources.clone(),
+        removed,
+    );
+    sent.types
+        .insert(type_url.to_string(), (built.version.clone(), names));
     tx.send(Ok(response)).await.is_ok()
 }
 
 /// What this control plane serves for `type_url`.
-fn resources_for(inner: &Inner, type_url: &str) -> Vec<NamedResource> {
+fn built_for(inner: &Inner, type_url: &str) -> Arc<Built> {
     if type_url == NAME_TABLE_TYPE_URL {
-        let snapshot = inner.config.borrow().clone();
-        let registered = inner.registry.workload_entries();
+        return inner.name_table.borrow().clone();
+    }
+    // Envoy's types: the mesh configuration issue generates listeners,
+    // clusters and endpoints; until then an empty, valid answer.
+    static EMPTY: std::sync::LazyLock<Arc<Built>> = std::sync::LazyLock::new(|| {
+        Arc::new(Built {
+            version: version_of(&[]),
+            resources: Vec::new(),
+        })
+    });
+    EMPTY.clone()
+}
+
+/// Keeps the NameTable of the config and the registered entries current:
+/// rebuilt once per change (bursts of changes coalesce), published only
+/// when its content changed.
+fn spawn_name_table_builder(
+    mut config: watch::Receiver<Arc<ConfigSnapshot>>,
+    mut entries: watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>,
+) -> watch::Receiver<Arc<Built>> {
+    let build = |config: &watch::Receiver<Arc<ConfigSnapshot>>,
+                 entries: &watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>| {
+        let snapshot = config.borrow().clone();
+        let registered = entries.borrow().clone();
         let table = name_table::build(&snapshot, &registered);
-        return vec![NamedResource {
+        let resources = vec![NamedResource {
             name: String::new(),
             resource: Any {
                 type_url: NAME_TABLE_TYPE_URL.into(),
                 value: table.encode_to_vec(),
             },
         }];
-    }
-    // Envoy's types: the mesh configuration issue generates listeners,
-    // clusters and endpoints; until then an empty, valid answer.
-    Vec::new()
+        Arc::new(Built {
+            version: version_of(&resources),
+            resources,
+        })
+    };
+    let (tx, rx) = watch::channel(build(&config, &entries));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = config.changed() => if changed.is_err() { break },
+                changed = entries.changed() => if changed.is_err() { break },
+            }
+            config.mark_unchanged();
+            entries.mark_unchanged();
+            let built = build(&config, &entries);
+            tx.send_if_modified(|current| {
+                let changed = current.version != built.version;
+                if changed {
+                    *current = built;
+                }
+                changed
+            });
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// A digest of the resources, as the version.
 fn version_of(resources: &[NamedResource]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for r in resources {
-        for part in [
-            r.name.as_bytes(),
-            r.resource.type_url.as_bytes(),
-            &r.resource.value,
-        ] {
+        for part in [r.name.as_bytes(), r.resource.type_url.as_bytes(), &r.resource.value] {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }

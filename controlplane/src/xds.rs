@@ -380,23 +380,24 @@ fn spawn_name_table_builder(
     mut config: watch::Receiver<Arc<ConfigSnapshot>>,
     mut entries: watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>,
 ) -> watch::Receiver<Arc<Built>> {
-    let build = |config: &watch::Receiver<Arc<ConfigSnapshot>>,
-                 entries: &watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>| {
-        let snapshot = config.borrow().clone();
-        let registered = entries.borrow().clone();
-        let table = name_table::build(&snapshot, &registered);
-        let resources = vec![NamedResource {
-            name: String::new(),
-            resource: Any {
-                type_url: NAME_TABLE_TYPE_URL.into(),
-                value: table.encode_to_vec(),
-            },
-        }];
-        Arc::new(Built {
-            version: version_of(&resources),
-            resources,
-        })
-    };
+    let build =
+        |config: &watch::Receiver<Arc<ConfigSnapshot>>,
+         entries: &watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>| {
+            let snapshot = config.borrow().clone();
+            let registered = entries.borrow().clone();
+            let table = name_table::build(&snapshot, &registered);
+            let resources = vec![NamedResource {
+                name: String::new(),
+                resource: Any {
+                    type_url: NAME_TABLE_TYPE_URL.into(),
+                    value: table.encode_to_vec(),
+                },
+            }];
+            Arc::new(Built {
+                version: version_of(&resources),
+                resources,
+            })
+        };
     let (tx, rx) = watch::channel(build(&config, &entries));
     tokio::spawn(async move {
         loop {
@@ -426,7 +427,11 @@ fn spawn_name_table_builder(
 fn version_of(resources: &[NamedResource]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for r in resources {
-        for part in [r.name.as_bytes(), r.resource.type_url.as_bytes(), &r.resource.value] {
+        for part in [
+            r.name.as_bytes(),
+            r.resource.type_url.as_bytes(),
+            &r.resource.value,
+        ] {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }

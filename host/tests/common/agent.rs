@@ -5,12 +5,13 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use meshvm_testing::process::{Process, wait_until};
 
 use meshvm_controlplane::ca::server::{ServeOptions, tls_config};
 use meshvm_controlplane::ca::{CaService, MeshCa, SpiffeId};
@@ -25,17 +26,9 @@ use tonic::{Request, Response, Status};
 /// The identity of testdata/onboarding/ratings-vm.
 pub const SPIFFE_ID: &str = "spiffe://cluster.local/ns/vm-ns/sa/ratings-sa";
 pub const CLUSTER: &str = "cluster1";
-/// Generous liveness bound for anything that should happen "soon"; never a
-/// performance expectation.
-pub const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Polls `done` every 50 ms until it holds or [`PATIENCE`] runs out.
-pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Polls `done` until it holds (see [`wait_until`]).
+pub fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    wait_until(what, String::new, done);
 }
 
 /// How the CA answers.
@@ -219,17 +212,14 @@ pub fn onboarding_dir(ca: &MeshCa, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// `meshvm-agent run` as a child process, its stderr collected.
+/// `meshvm-agent run` as a child process, its log collected.
 pub struct Agent {
-    child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    process: Process,
     pub state_dir: PathBuf,
     pub sds_socket: PathBuf,
 }
 
 impl Agent {
-    /// Runs the agent on `onboarding` with state and socket under `work`,
-    /// against `ca_address`, with `env` added.
     /// Without Envoy (`--no-envoy`): the identity and SDS part.
     pub fn spawn(onboarding: &Path, work: &Path, ca_address: &str, env: &[(&str, &str)]) -> Self {
         Self::spawn_with_args(onboarding, work, ca_address, env, &["--no-envoy"])
@@ -257,28 +247,12 @@ impl Agent {
             .arg(work.join("run"))
             .args(args)
             .env("CA_ADDR", ca_address)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut child = command.spawn().expect("meshvm-agent starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
         Self {
-            child: Some(child),
-            log,
+            process: Process::spawn("meshvm-agent", command),
             state_dir,
             sds_socket,
         }
@@ -286,25 +260,17 @@ impl Agent {
 
     /// Everything logged so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.process.log()
     }
 
     /// How many log lines contain `text`.
     pub fn count(&self, text: &str) -> usize {
-        self.log().lines().filter(|l| l.contains(text)).count()
+        self.process.count(text)
     }
 
     /// Waits until `text` has been logged `n` times.
     pub fn wait_for_log(&self, text: &str, n: usize) {
-        let deadline = Instant::now() + PATIENCE;
-        while self.count(text) < n {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {n} × {text:?} in the agent's log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.process.wait_for_log(text, n);
     }
 
     /// `cert-chain.pem` in the state directory, if written.
@@ -339,40 +305,12 @@ impl Agent {
 
     /// The process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+        self.process.is_running()
     }
 
     /// SIGTERM, then waits; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let mut child = self.child.take().unwrap();
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        child.wait().unwrap().success()
-    }
-
-    /// Waits for the process to exit by itself; returns its exit code.
-    pub fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + PATIENCE;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                // Let the log reader drain.
-                std::thread::sleep(Duration::from_millis(100));
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "the agent did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.terminate()
     }
 }
 

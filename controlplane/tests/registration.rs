@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
+use meshvm_testing::envoy::http_get;
 use meshvm_testing::process::{Process, cargo_bin, free_port, signal, wait_until};
 use serde_json::Value;
 
@@ -97,6 +100,7 @@ impl Mesh {
             .args(["--envoy-admin-port", "0"])
             .args(["--envoy-status-port", "0"])
             .args(["--envoy-prometheus-port", "0"])
+            .args(["--status-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
         for (k, v) in env {
             command.env(k, v);
@@ -222,6 +226,33 @@ fn a_vm_registers_survives_restarts_of_envoy_and_the_control_plane_and_leaves() 
     agent.wait_for_log("xDS proxy: NameTable received", 1);
     assert!(agent.log().contains("hosts=2"), "{}", agent.log());
 
+    // Ready, asked through Envoy's status listener, which forwards to the
+    // agent; the agent's metrics say why.
+    let status_port = envoy_listener_port(&mesh, "0.0.0.0_status");
+    let envoy_status = SocketAddr::from(([127, 0, 0, 1], status_port));
+    wait_until(
+        "/healthz/ready through Envoy",
+        || {
+            format!(
+                "{:?}\n{}",
+                http_get(envoy_status, "/healthz/ready"),
+                agent.log()
+            )
+        },
+        || matches!(http_get(envoy_status, "/healthz/ready"), Ok((200, body)) if body == "ready\n"),
+    );
+    let metrics = http_get(agent_status_address(&agent), "/metrics")
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains("\nmeshvm_agent_name_table_hosts 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nmeshvm_agent_xds_upstream_streams 1\n"),
+        "{metrics}"
+    );
+
     // Envoy killed: the agent starts a new one; the entry stays.
     let pid = envoy_pid(&agent);
     let kept = never_missing(&mesh, || {
@@ -310,6 +341,35 @@ fn an_unknown_group_is_refused_clearly_on_both_sides() {
         cp.log()
     );
     assert!(mesh.entries().is_empty());
+}
+
+/// The port of the agent's Envoy's listener `name`, from Envoy's admin API.
+fn envoy_listener_port(mesh: &Mesh, name: &str) -> u16 {
+    let admin: SocketAddr = std::fs::read_to_string(mesh.path("run/envoy-admin-address"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (_, body) = http_get(admin, "/listeners?format=json").unwrap();
+    let listeners: Value = serde_json::from_str(&body).unwrap();
+    listeners["listener_statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
+        .unwrap_or_else(|| panic!("no listener {name}: {body}")) as u16
+}
+
+/// The agent's status server address, from its log.
+fn agent_status_address(agent: &Process) -> SocketAddr {
+    agent.wait_for_log("status server", 1);
+    let log = agent.log();
+    let line = log.lines().find(|l| l.contains("status server")).unwrap();
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("status_address="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"))
 }
 
 /// The Envoy the agent started last, from its log.

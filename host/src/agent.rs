@@ -23,6 +23,7 @@ use crate::envoy::{Bootstrap, BootstrapOptions, Supervisor, SupervisorOptions};
 use crate::identity::{CertStore, KeyAlgorithm};
 use crate::identity_manager::{IdentityManager, IdentityOptions};
 use crate::sds::{SdsServer, WorkloadSecret};
+use crate::status::{self, StatusSources};
 use crate::xds::{XdsProxy, XdsProxyOptions};
 
 /// Where things are and what to run.
@@ -45,6 +46,9 @@ pub struct AgentOptions {
     pub admin_port: u16,
     pub status_port: u16,
     pub prometheus_port: u16,
+    /// The agent's status server (`/healthz/ready`, `/metrics`), which
+    /// Envoy's status listener forwards to (port 0: any free port).
+    pub status_address: std::net::SocketAddr,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -95,6 +99,12 @@ pub async fn run(
         tokio::spawn(async move { proxy.serve(&socket, stop).await })
     };
 
+    // The status server's address goes into Envoy's bootstrap.
+    let status_listener = tokio::net::TcpListener::bind(options.status_address)
+        .await
+        .with_context(|| format!("binding the status server on {}", options.status_address))?;
+    let status_address = status_listener.local_addr()?;
+
     // 3. Envoy.
     let mut bootstrap =
         BootstrapOptions::for_host(&config, env, &options.run_dir, options.interface.as_deref())?;
@@ -103,6 +113,7 @@ pub async fn run(
     bootstrap.admin.set_port(options.admin_port);
     bootstrap.status_port = options.status_port;
     bootstrap.prometheus_port = options.prometheus_port;
+    bootstrap.agent = status_address;
     let path = Bootstrap::write(&config, &bootstrap)?;
     tracing::info!(
         path = %path.display(),
@@ -116,6 +127,20 @@ pub async fn run(
         Supervisor::start(envoy)
     });
 
+    let sources = StatusSources {
+        identity: manager.subscribe(),
+        xds: proxy.status(),
+        name_table: proxy.name_tables(),
+        envoy: supervisor.as_ref().map(Supervisor::subscribe),
+        dns: config.dns_capture,
+    };
+    let status_task = tokio::spawn(status::serve(
+        status_listener,
+        sources,
+        stopped(&servers_stopped),
+    ));
+    tracing::info!(%status_address, "status server: /healthz/ready, /metrics");
+
     tracing::info!(identity = %config.spiffe_id(), "running");
     shutdown.await;
     tracing::info!("shutting down");
@@ -125,6 +150,7 @@ pub async fn run(
     let _ = stop_servers.send(true);
     let _ = sds_task.await;
     let _ = xds_task.await;
+    let _ = status_task.await;
     bridge.abort();
     manager.stop().await;
     Ok(())

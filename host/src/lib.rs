@@ -16,5 +16,6 @@ pub mod envoy;
 pub mod identity;
 pub mod identity_manager;
 pub mod sds;
+pub mod status;
 pub mod uds;
 pub mod xds;

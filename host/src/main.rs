@@ -12,6 +12,7 @@ use meshvm_agent::config::{Config, ConfigError, OnboardingPaths};
 use meshvm_agent::envoy;
 use meshvm_agent::identity::{self, KeyAlgorithm};
 use meshvm_agent::sds;
+use meshvm_agent::status;
 
 /// The meshvm VM agent: joins this VM to an Istio-compatible service mesh.
 #[derive(Parser)]
@@ -76,6 +77,10 @@ enum Command {
         /// Envoy's /stats/prometheus port (0: any free port).
         #[arg(long, default_value_t = 15090)]
         envoy_prometheus_port: u16,
+        /// The agent's status server: /healthz/ready (also through Envoy's
+        /// status port) and /metrics.
+        #[arg(long, value_name = "ADDR", default_value_t = status::DEFAULT_STATUS_ADDRESS)]
+        status_listen: std::net::SocketAddr,
     },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
@@ -164,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             envoy_admin_port,
             envoy_status_port,
             envoy_prometheus_port,
+            status_listen,
         } => {
             let config = Config::load(&paths, &env)?;
             let options = AgentOptions {
@@ -176,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_port: envoy_admin_port,
                 status_port: envoy_status_port,
                 prometheus_port: envoy_prometheus_port,
+                status_address: status_listen,
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()

@@ -245,6 +245,7 @@ impl Agent {
             .arg(&sds_socket)
             .arg("--run-dir")
             .arg(work.join("run"))
+            .args(["--status-listen", "127.0.0.1:0"])
             .args(args)
             .env("CA_ADDR", ca_address)
             .env("RUST_LOG", "info");

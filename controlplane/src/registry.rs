@@ -180,6 +180,8 @@ pub enum RegistrationError {
         entry: ObjectKey,
         error: io::Error,
     },
+    #[error("registration of {proxy} failed: the registry task stopped: {reason}")]
+    Task { proxy: String, reason: String },
 }
 
 impl RegistrationError {
@@ -194,7 +196,7 @@ impl RegistrationError {
             GroupNotFound { .. } | EntryNotFound { .. } | StoredEntryMalformed { .. } => {
                 tonic::Code::FailedPrecondition
             }
-            Store { .. } => tonic::Code::Internal,
+            Store { .. } | Task { .. } => tonic::Code::Internal,
         }
     }
 }
@@ -318,8 +320,17 @@ impl Registry {
     /// identities must be in its config namespace and, if the proxy names
     /// a `SERVICE_ACCOUNT`, have that service account. The entry's
     /// `spec.serviceAccount`, if set, must be the identity's too.
+    /// The entry is written (and fsynced) on the blocking pool, so that a
+    /// burst of registrations does not stall the streams' async tasks.
     pub async fn connect(&self, proxy: &Proxy) -> Result<Option<Connection>, RegistrationError> {
-        self.inner.connect(proxy)
+        let inner = self.inner.clone();
+        let owned = proxy.clone();
+        tokio::task::spawn_blocking(move || inner.connect(&owned))
+            .await
+            .map_err(|e| RegistrationError::Task {
+                proxy: proxy.node.node_id.clone(),
+                reason: e.to_string(),
+            })?
     }
 
     /// Ends a stream: when the entry's last stream is gone, the entry is
@@ -327,6 +338,15 @@ impl Registry {
     /// stream for it connects again.
     pub fn disconnect(&self, connection: Connection) {
         self.inner.disconnect(connection);
+    }
+
+    /// [`Registry::disconnect`] on the blocking pool (it writes the entry),
+    /// for callers on the async runtime.
+    pub async fn disconnect_async(&self, connection: Connection) {
+        let inner = self.inner.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || inner.disconnect(connection)).await {
+            tracing::error!(error = %e, "disconnect task failed");
+        }
     }
 
     /// Every WorkloadEntry, sorted by namespace and name: the config

@@ -238,7 +238,7 @@ async fn serve_stream<P: ServerProtocol>(
     inner.connections.send_modify(|n| *n -= 1);
     tracing::info!(node = %node_id, "ADS: proxy disconnected");
     if let Some(connection) = connection {
-        inner.registry.disconnect(connection);
+        inner.registry.disconnect_async(connection).await;
     }
 }
 

@@ -401,12 +401,19 @@ fn spawn_name_table_builder(
     let (tx, rx) = watch::channel(build(&config, &entries));
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                changed = config.changed() => if changed.is_err() { break },
-                changed = entries.changed() => if changed.is_err() { break },
-            }
+            let config_changed = tokio::select! {
+                changed = config.changed() => if changed.is_err() { break } else { true },
+                changed = entries.changed() => if changed.is_err() { break } else { false },
+            };
+            let config_changed = config_changed || config.has_changed().unwrap_or(false);
             config.mark_unchanged();
             entries.mark_unchanged();
+            // Registered entries only matter to headless Services (their
+            // names resolve to endpoint addresses): without one, a
+            // registration or disconnect changes nothing here.
+            if !config_changed && !name_table::has_headless_service(&config.borrow()) {
+                continue;
+            }
             let built = build(&config, &entries);
             tx.send_if_modified(|current| {
                 let changed = current.version != built.version;

@@ -50,6 +50,12 @@ pub fn build(snapshot: &ConfigSnapshot, registered: &[crate::config::WorkloadEnt
     table
 }
 
+/// Whether any Service is headless (its name resolves to the addresses of
+/// the Pods and WorkloadEntries it selects).
+pub fn has_headless_service(snapshot: &ConfigSnapshot) -> bool {
+    snapshot.services.values().any(|s| s.cluster_ip().is_none())
+}
+
 fn headless_ips(
     snapshot: &ConfigSnapshot,
     registered: &[crate::config::WorkloadEntry],
@@ -134,5 +140,6 @@ spec:
             vec!["10.244.0.7"]
         );
         assert!(!table.table.contains_key("empty.data.svc.cluster.local"));
+        assert!(has_headless_service(&s));
     }
 }

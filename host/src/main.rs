@@ -76,6 +76,13 @@ enum Command {
         /// Envoy's /stats/prometheus port (0: any free port).
         #[arg(long, default_value_t = 15090)]
         envoy_prometheus_port: u16,
+        /// The DNS proxy's address, UDP and TCP; it runs when cluster.env
+        /// sets ISTIO_META_DNS_CAPTURE=true, or with --dns.
+        #[arg(long, value_name = "ADDR", default_value = meshvm_agent::dns::DEFAULT_LISTEN)]
+        dns_listen: std::net::SocketAddr,
+        /// Run the DNS proxy even without ISTIO_META_DNS_CAPTURE.
+        #[arg(long)]
+        dns: bool,
     },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
@@ -164,6 +171,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             envoy_admin_port,
             envoy_status_port,
             envoy_prometheus_port,
+            dns_listen,
+            dns,
         } => {
             let config = Config::load(&paths, &env)?;
             let options = AgentOptions {
@@ -176,6 +185,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_port: envoy_admin_port,
                 status_port: envoy_status_port,
                 prometheus_port: envoy_prometheus_port,
+                dns_listen,
+                force_dns: dns,
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()

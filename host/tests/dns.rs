@@ -456,3 +456,30 @@ async fn the_saved_table_answers_after_a_restart() {
     assert_eq!(d.status, "SERVFAIL", "{}", d.output);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_is_skipped_sequentially_and_outrun_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dnsmasq, upstream) = dnsmasq(dir.path(), "198.51.100.2 www.example.org\n");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    for parallel in [false, true] {
+        let mut options = options();
+        options.upstreams = vec![closed, silent.local_addr().unwrap(), upstream];
+        // Sequentially, the silent server costs one timeout (whatever the
+        // shuffled order); in parallel, dnsmasq answers first.
+        options.forward_timeout = Duration::from_secs(1);
+        options.forward_parallel = parallel;
+        let proxy = Proxy::start(options, dir.path(), Some(mesh_table())).await;
+        for transport in ["+notcp", "+tcp"] {
+            let d = dig_async(proxy.addr, "www.example.org", "A", &[transport]).await;
+            assert_eq!(
+                d.data("A"),
+                ["198.51.100.2"],
+                "parallel {parallel}: {}",
+                d.output
+            );
+        }
+        proxy.stop().await;
+    }
+}

@@ -54,6 +54,7 @@ pub struct DnsOptions {
     /// The VM's namespace and cluster domain (bare service names answer
     /// only in the VM's own namespace).
     pub namespace: String,
+    /// The cluster domain (`cluster.local`).
     pub domain: String,
     /// Nameservers and search domains; `/etc/resolv.conf`.
     pub resolv_conf: PathBuf,
@@ -105,7 +106,8 @@ pub struct DnsMetrics {
     pub formerr: AtomicU64,
     /// Other error answers (NOTIMP for opcodes other than QUERY).
     pub other_errors: AtomicU64,
-    /// Not answered: too short for a header, or not a query.
+    /// Not answered: too short for a header, not a query, or too many UDP
+    /// queries in flight.
     pub dropped: AtomicU64,
     /// Table answers truncated (TC set).
     pub truncated: AtomicU64,
@@ -131,6 +133,8 @@ pub struct DnsMetricsSnapshot {
 }
 
 impl DnsMetrics {
+    /// Every counter, read once (each is exact; together they are not one
+    /// atomic instant).
     pub fn snapshot(&self) -> DnsMetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         DnsMetricsSnapshot {
@@ -249,7 +253,11 @@ impl DnsServer {
             saved_table,
             listen_options,
         } = self;
-        let udp_task = tokio::spawn(server::serve_udp(Arc::new(udp), resolver.clone()));
+        let udp_task = tokio::spawn(server::serve_udp(
+            Arc::new(udp),
+            resolver.clone(),
+            listen_options.max_udp_in_flight,
+        ));
         let tcp_task = tokio::spawn(server::serve_tcp(tcp, resolver.clone(), listen_options));
         let updates = {
             let resolver = resolver.clone();

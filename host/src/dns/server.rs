@@ -230,6 +230,10 @@ pub struct ListenOptions {
     pub max_tcp_connections: usize,
     /// A TCP connection with no complete query for this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// UDP queries being answered at once (forwarding ones wait up to the
+    /// forward timeout); beyond this, datagrams are dropped and clients
+    /// retry, instead of memory growing under a flood.
+    pub max_udp_in_flight: usize,
 }
 
 impl Default for ListenOptions {
@@ -237,6 +241,7 @@ impl Default for ListenOptions {
         Self {
             max_tcp_connections: 256,
             tcp_idle_timeout: Duration::from_secs(10),
+            max_udp_in_flight: 1024,
         }
     }
 }
@@ -255,7 +260,12 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpLis
     Err(last_error.expect("at least one attempt"))
 }
 
-pub(crate) async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>) {
+pub(crate) async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    resolver: Arc<Resolver>,
+    max_in_flight: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -267,10 +277,15 @@ pub(crate) async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>) {
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            resolver.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let request = buf[..n].to_vec();
         let socket = socket.clone();
         let resolver = resolver.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Some(reply) = resolver.handle(&request, Protocol::Udp).await
                 && let Err(error) = socket.send_to(&reply, peer).await
             {
@@ -726,6 +741,7 @@ mod tests {
         let addr = tcp_server(ListenOptions {
             max_tcp_connections: 8,
             tcp_idle_timeout: Duration::from_millis(300),
+            ..ListenOptions::default()
         })
         .await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -769,6 +785,7 @@ mod tests {
         let addr = tcp_server(ListenOptions {
             max_tcp_connections: 1,
             tcp_idle_timeout: Duration::from_millis(300),
+            ..ListenOptions::default()
         })
         .await;
         let mut first = TcpStream::connect(addr).await.unwrap();
@@ -780,5 +797,34 @@ mod tests {
         let reply = tcp_ask(&mut second, &query("db.example.com.", RecordType::A, None)).await;
         assert_eq!(reply.answers.len(), 2);
         closed_by_server(&mut first).await;
+    }
+
+    #[tokio::test]
+    async fn udp_queries_in_flight_are_bounded() {
+        // Unknown names go to an upstream that never answers (1 h timeout):
+        // the first query holds the only slot, the second is dropped.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut r = standard();
+        r.forwarder = Forwarder {
+            servers: vec![silent.local_addr().unwrap()],
+            timeout: Duration::from_secs(3600),
+            parallel: false,
+        };
+        let r = Arc::new(r);
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(serve_udp(socket, r.clone(), 1));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..2 {
+            let request = query("unknown.example.org.", RecordType::A, None);
+            client.send_to(&request, addr).await.unwrap();
+        }
+        let mut upstream = [0u8; 512];
+        silent.recv_from(&mut upstream).await.unwrap();
+        while r.metrics.snapshot().dropped < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let m = r.metrics.snapshot();
+        assert_eq!((m.queries, m.dropped), (1, 1));
     }
 }

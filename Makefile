@@ -15,7 +15,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm test test-native test-wasm-unit lint demo bench-filter bench-identity bench-join clean
+.PHONY: all build wasm test test-native test-wasm-unit lint demo bench-filter bench-identity bench-join bench-dns clean
 
 all: build
 
@@ -72,6 +72,13 @@ bench-identity:
 ## bench/results/join.md).
 bench-join:
 	bench/join/run.sh
+
+## bench-dns: the agent's DNS proxy vs dnsmasq serving the same 10,000 names
+## (dnsperf: queries/s and latency percentiles), and memory with 10k and 100k
+## names (~1 min; knobs: N SECONDS_PER_RUN CLIENTS; needs dnsperf, dnsmasq, dig;
+## bench/results/dns.md).
+bench-dns:
+	bench/dns/run.sh
 
 clean:
 	$(CARGO) clean

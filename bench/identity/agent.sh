@@ -8,7 +8,7 @@ set -euo pipefail
 case "$1" in
   start)
     "$MESHVM_AGENT" --onboarding-dir "$MESHVM_ONBOARDING" run --state-dir "$3" \
-      --sds-socket "$4" --run-dir "$3.run" --no-envoy --status-listen 127.0.0.1:0 --key-algorithm "$5" \
+      --sds-socket "$4" --run-dir "$3.run" --no-envoy --status-listen 127.0.0.1:0 --dns-listen 127.0.0.1:0 --key-algorithm "$5" \
       </dev/null >/dev/null 2>>"$3.log" &
     echo $! >"$2"
     ;;

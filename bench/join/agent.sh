@@ -38,7 +38,7 @@ case "$1" in
       "$MESHVM_AGENT" --onboarding-dir "$MESHVM_ONBOARDING" run --state-dir "$3" \
       --run-dir "$3.run" --sds-socket "$4" --envoy "$MESHVM_ENVOY" \
       --envoy-admin-port 0 --envoy-status-port 0 --envoy-prometheus-port 0 \
-      --status-listen 127.0.0.1:0 \
+      --status-listen 127.0.0.1:0 --dns-listen 127.0.0.1:0 \
       </dev/null >/dev/null 2>>"$3.log" &
     echo $! >"$2"
     ;;

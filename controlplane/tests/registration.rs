@@ -101,6 +101,7 @@ impl Mesh {
             .args(["--envoy-status-port", "0"])
             .args(["--envoy-prometheus-port", "0"])
             .args(["--status-listen", "127.0.0.1:0"])
+            .args(["--dns-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
         for (k, v) in env {
             command.env(k, v);

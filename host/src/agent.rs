@@ -4,13 +4,16 @@
 //! 1. The identity manager obtains and renews the workload certificate.
 //! 2. The SDS server hands it to Envoy; the xDS proxy dials the control
 //!    plane with it and carries Envoy's ADS stream.
-//! 3. Envoy's bootstrap is written and Envoy is started and supervised
+//! 3. The DNS proxy answers the mesh's names from the xDS proxy's
+//!    NameTable (when `ISTIO_META_DNS_CAPTURE` is on, or forced).
+//! 4. Envoy's bootstrap is written and Envoy is started and supervised
 //!    (unless Envoy is run by someone else).
 //!
 //! On shutdown Envoy drains and stops first, then the servers close and
 //! their sockets are removed.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::ca_client::{CaClient, CaClientOptions};
 use crate::config::Config;
+use crate::dns::{DnsOptions, DnsServer};
 use crate::envoy::{Bootstrap, BootstrapOptions, Supervisor, SupervisorOptions};
 use crate::identity::{CertStore, KeyAlgorithm};
 use crate::identity_manager::{IdentityManager, IdentityOptions};
@@ -49,6 +53,11 @@ pub struct AgentOptions {
     /// The agent's status server (`/healthz/ready`, `/metrics`), which
     /// Envoy's status listener forwards to (port 0: any free port).
     pub status_address: std::net::SocketAddr,
+    /// The DNS proxy's UDP and TCP address (Istio: `127.0.0.1:15053`).
+    pub dns_listen: SocketAddr,
+    /// Run the DNS proxy even without `ISTIO_META_DNS_CAPTURE` (Istio's
+    /// `ISTIO_META_ENABLE_DNS_SERVER`).
+    pub force_dns: bool,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -88,7 +97,10 @@ pub async fn run(
     let sds = SdsServer::bind(&options.sds_socket, secrets_rx)
         .with_context(|| format!("binding the SDS socket {}", options.sds_socket.display()))?;
     let sds_task = tokio::spawn(sds.serve_with_shutdown(stopped(&servers_stopped)));
-    let proxy = XdsProxy::new(XdsProxyOptions::from_config(&config), manager.subscribe());
+    let dns_on = config.dns_capture || options.force_dns;
+    let mut xds_options = XdsProxyOptions::from_config(&config);
+    xds_options.name_table = dns_on;
+    let proxy = XdsProxy::new(xds_options, manager.subscribe());
     let xds_socket = options
         .run_dir
         .join(crate::envoy::bootstrap::XDS_SOCKET_FILE);
@@ -105,7 +117,26 @@ pub async fn run(
         .with_context(|| format!("binding the status server on {}", options.status_address))?;
     let status_address = status_listener.local_addr()?;
 
-    // 3. Envoy.
+    // 3. DNS.
+    let dns_task = if dns_on {
+        let mut dns = DnsOptions::new(config.namespace.clone());
+        dns.listen = options.dns_listen;
+        dns.saved_table = Some(options.state_dir.join(crate::dns::SAVED_TABLE_FILE));
+        // Without DNS the VM still has its identity and its mesh traffic:
+        // a port already taken is an error in the log, not the end of the
+        // agent.
+        match DnsServer::bind(dns, proxy.name_tables()).await {
+            Ok(server) => Some(tokio::spawn(server.serve(stopped(&servers_stopped)))),
+            Err(error) => {
+                tracing::error!(%error, "DNS proxy not started; mesh names will not resolve");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    // 4. Envoy.
     let mut bootstrap =
         BootstrapOptions::for_host(&config, env, &options.run_dir, options.interface.as_deref())?;
     bootstrap.sds_socket = options.sds_socket.clone();
@@ -151,6 +182,9 @@ pub async fn run(
     let _ = sds_task.await;
     let _ = xds_task.await;
     let _ = status_task.await;
+    if let Some(dns_task) = dns_task {
+        let _ = dns_task.await;
+    }
     bridge.abort();
     manager.stop().await;
     Ok(())

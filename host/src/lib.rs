@@ -6,12 +6,13 @@
 //! Envoy's bootstrap and runs Envoy ([`envoy`]) on the VM's address
 //! ([`address`]), and proxies Envoy's xDS stream to the control plane
 //! ([`xds`]), keeping the NameTable for the DNS proxy and reporting health on
-//! that stream.
+//! that stream, and answers the mesh's names over DNS ([`dns`]).
 
 pub mod address;
 pub mod agent;
 pub mod ca_client;
 pub mod config;
+pub mod dns;
 pub mod envoy;
 pub mod identity;
 pub mod identity_manager;

@@ -81,6 +81,13 @@ enum Command {
         /// status port) and /metrics.
         #[arg(long, value_name = "ADDR", default_value_t = status::DEFAULT_STATUS_ADDRESS)]
         status_listen: std::net::SocketAddr,
+        /// The DNS proxy's address, UDP and TCP; it runs when cluster.env
+        /// sets ISTIO_META_DNS_CAPTURE=true, or with --dns.
+        #[arg(long, value_name = "ADDR", default_value = meshvm_agent::dns::DEFAULT_LISTEN)]
+        dns_listen: std::net::SocketAddr,
+        /// Run the DNS proxy even without ISTIO_META_DNS_CAPTURE.
+        #[arg(long)]
+        dns: bool,
     },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
@@ -170,6 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             envoy_status_port,
             envoy_prometheus_port,
             status_listen,
+            dns_listen,
+            dns,
         } => {
             let config = Config::load(&paths, &env)?;
             let options = AgentOptions {
@@ -183,6 +192,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 status_port: envoy_status_port,
                 prometheus_port: envoy_prometheus_port,
                 status_address: status_listen,
+                dns_listen,
+                force_dns: dns,
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()

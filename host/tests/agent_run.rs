@@ -67,6 +67,10 @@ fn run_obtains_stores_and_serves_the_workload_certificate() {
         Some(agent::leaf_serial(&agent.chain().unwrap()))
     );
 
+    // The onboarding files set ISTIO_META_DNS_CAPTURE: the DNS proxy runs
+    // (on a free port, see `Agent::spawn_with_args`).
+    agent.wait_for_log("DNS proxy listening", 1);
+
     // SIGTERM: the agent exits successfully and removes its socket.
     assert!(agent.terminate(), "agent failed:\n{}", agent.log());
     assert!(!agent.sds_socket.exists(), "the SDS socket was left behind");
@@ -102,4 +106,64 @@ fn secrets_without_an_agent_fails_clearly() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no secret served within 300ms"), "{stderr}");
+}
+
+/// With ISTIO_META_DNS_CAPTURE the agent runs the DNS proxy on
+/// `--dns-listen`; the NameTable saved in the state directory answers at
+/// once, before (and without) any control plane NameTable.
+#[test]
+fn run_serves_dns_from_the_saved_name_table() {
+    use meshvm_proto::istio::networking::nds::v1::NameTable;
+    use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = CaServer::start(&rt, &dir.path().join("ca"));
+    let onboarding = onboarding_dir(&ca.ca, &dir.path().join("onboarding"));
+    let state = dir.path().join("certs");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut table = NameTable::default();
+    table.table.insert(
+        "ratings.vm-ns.svc.cluster.local".into(),
+        NameInfo {
+            ips: vec!["10.96.0.10".into()],
+            registry: "Kubernetes".into(),
+            shortname: "ratings".into(),
+            namespace: "vm-ns".into(),
+            alt_hosts: Vec::new(),
+        },
+    );
+    meshvm_agent::dns::save_table(&state.join(meshvm_agent::dns::SAVED_TABLE_FILE), &table);
+    let port = meshvm_testing::process::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut agent = Agent::spawn_with_args(
+        &onboarding,
+        dir.path(),
+        &ca.address(),
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+        &["--no-envoy", "--dns-listen", &listen],
+    );
+    agent.wait_for_log("DNS proxy listening", 1);
+    for tcp in ["+notcp", "+tcp"] {
+        let out = Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &port,
+                "+short",
+                "+tries=1",
+                "+time=30",
+                tcp,
+            ])
+            .args(["ratings.vm-ns", "A"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "10.96.0.10",
+            "{}",
+            agent.log()
+        );
+    }
+    assert!(agent.terminate(), "agent failed:\n{}", agent.log());
 }

@@ -249,6 +249,11 @@ impl Agent {
             .args(args)
             .env("CA_ADDR", ca_address)
             .env("RUST_LOG", "info");
+        // The onboarding files turn the DNS proxy on: a free port, so that
+        // agents of parallel tests do not compete for 15053.
+        if !args.contains(&"--dns-listen") {
+            command.args(["--dns-listen", "127.0.0.1:0"]);
+        }
         for (k, v) in env {
             command.env(k, v);
         }

@@ -1,0 +1,357 @@
+//! The DNS proxy (Istio's agent DNS proxy, protocol §5): answers the mesh's
+//! service names from the NameTable the control plane sends, so that a VM
+//! resolves `ratings.vm-ns` or `ratings.vm-ns.svc.cluster.local` like a pod
+//! does, and forwards every other question to the VM's own nameservers.
+//!
+//! - [`table`]: the NameTable expanded into every name a workload may ask
+//!   for (§5.4), built once per NameTable and swapped whole.
+//! - [`server`]: UDP and TCP on one address (`127.0.0.1:15053`), query
+//!   handling (§5.5), truncation.
+//! - [`forward`]: the upstream nameservers.
+//! - [`resolv_conf`]: nameservers and search domains of resolv.conf.
+//!
+//! The last table is saved in the agent's state directory and loaded at
+//! start, so mesh names keep resolving after a restart while the control
+//! plane is unreachable.
+
+pub mod forward;
+pub mod resolv_conf;
+pub mod server;
+pub mod table;
+
+use std::future::Future;
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use meshvm_proto::istio::networking::nds::v1::NameTable;
+use prost::Message as _;
+use tokio::net::{TcpListener, UdpSocket};
+
+pub use forward::{Forwarder, Protocol};
+pub use resolv_conf::ResolvConf;
+pub use server::{ListenOptions, TTL};
+pub use table::{LookupTable, TableContext};
+
+use crate::xds::NameTableReceiver;
+
+/// Istio's DNS proxy address (`DNS_PROXY_ADDR`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
+/// Istio's `DNS_FORWARD_TIMEOUT`.
+pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The saved table's file name in the agent's state directory.
+pub const SAVED_TABLE_FILE: &str = "dns-name-table.pb";
+
+/// How the DNS proxy is set up.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// UDP and TCP on this address (port 0: a free port, for tests).
+    pub listen: SocketAddr,
+    /// The VM's namespace and cluster domain (bare service names answer
+    /// only in the VM's own namespace).
+    pub namespace: String,
+    /// The cluster domain (`cluster.local`).
+    pub domain: String,
+    /// Nameservers and search domains; `/etc/resolv.conf`.
+    pub resolv_conf: PathBuf,
+    /// Upstreams to use instead of resolv.conf's nameservers (empty: those
+    /// of resolv.conf; search domains still come from resolv.conf).
+    pub upstreams: Vec<SocketAddr>,
+    pub forward_timeout: Duration,
+    pub forward_parallel: bool,
+    /// Forward everything before the first table instead of SERVFAIL
+    /// (Istio does so only when it owns port 53).
+    pub forward_before_table: bool,
+    pub listen_options: ListenOptions,
+    /// Where the last table is saved and loaded from (`None`: nowhere).
+    pub saved_table: Option<PathBuf>,
+}
+
+impl DnsOptions {
+    /// Istio's defaults for a VM in `namespace`.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("default address"),
+            namespace: namespace.into(),
+            domain: "cluster.local".into(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            upstreams: Vec::new(),
+            forward_timeout: DEFAULT_FORWARD_TIMEOUT,
+            forward_parallel: false,
+            forward_before_table: false,
+            listen_options: ListenOptions::default(),
+            saved_table: None,
+        }
+    }
+}
+
+/// Counters for `/metrics`: plain atomics, read with [`DnsMetrics::snapshot`].
+#[derive(Debug, Default)]
+pub struct DnsMetrics {
+    /// Every message received.
+    pub queries: AtomicU64,
+    /// Answered from the table (including empty NOERROR).
+    pub answered: AtomicU64,
+    /// Relayed from an upstream.
+    pub forwarded: AtomicU64,
+    /// Every upstream failed (counted in `servfail` too).
+    pub forward_failed: AtomicU64,
+    /// SERVFAIL sent (no question, no table yet, upstreams failed).
+    pub servfail: AtomicU64,
+    /// Unparseable queries (FORMERR sent).
+    pub formerr: AtomicU64,
+    /// Other error answers (NOTIMP for opcodes other than QUERY).
+    pub other_errors: AtomicU64,
+    /// Not answered: too short for a header, not a query, or too many UDP
+    /// queries in flight.
+    pub dropped: AtomicU64,
+    /// Table answers truncated (TC set).
+    pub truncated: AtomicU64,
+    /// Hosts and names of the current table.
+    pub table_hosts: AtomicU64,
+    pub table_names: AtomicU64,
+}
+
+/// A copy of [`DnsMetrics`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DnsMetricsSnapshot {
+    pub queries: u64,
+    pub answered: u64,
+    pub forwarded: u64,
+    pub forward_failed: u64,
+    pub servfail: u64,
+    pub formerr: u64,
+    pub other_errors: u64,
+    pub dropped: u64,
+    pub truncated: u64,
+    pub table_hosts: u64,
+    pub table_names: u64,
+}
+
+impl DnsMetrics {
+    /// Every counter, read once (each is exact; together they are not one
+    /// atomic instant).
+    pub fn snapshot(&self) -> DnsMetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DnsMetricsSnapshot {
+            queries: get(&self.queries),
+            answered: get(&self.answered),
+            forwarded: get(&self.forwarded),
+            forward_failed: get(&self.forward_failed),
+            servfail: get(&self.servfail),
+            formerr: get(&self.formerr),
+            other_errors: get(&self.other_errors),
+            dropped: get(&self.dropped),
+            truncated: get(&self.truncated),
+            table_hosts: get(&self.table_hosts),
+            table_names: get(&self.table_names),
+        }
+    }
+}
+
+/// Why the DNS proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot listen on {addr} (UDP and TCP): {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// A bound DNS proxy; [`DnsServer::serve`] runs it.
+pub struct DnsServer {
+    udp: UdpSocket,
+    tcp: TcpListener,
+    resolver: Arc<server::Resolver>,
+    context: TableContext,
+    tables: NameTableReceiver,
+    saved_table: Option<PathBuf>,
+    listen_options: ListenOptions,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP, reads resolv.conf and loads the saved table (if
+    /// any) so that answers start before the control plane is reached.
+    pub async fn bind(options: DnsOptions, tables: NameTableReceiver) -> Result<Self, DnsError> {
+        let (udp, tcp) = server::bind(options.listen)
+            .await
+            .map_err(|error| DnsError::Bind {
+                addr: options.listen,
+                error,
+            })?;
+        let resolv = ResolvConf::load(&options.resolv_conf);
+        let servers = if options.upstreams.is_empty() {
+            resolv.nameservers.clone()
+        } else {
+            options.upstreams.clone()
+        };
+        let context = TableContext {
+            namespace: options.namespace.clone(),
+            domain: options.domain.clone(),
+            search: resolv.search.clone(),
+        };
+        let metrics = Arc::new(DnsMetrics::default());
+        let resolver = Arc::new(server::Resolver {
+            table: ArcSwapOption::empty(),
+            forwarder: Forwarder {
+                servers,
+                timeout: options.forward_timeout,
+                parallel: options.forward_parallel,
+            },
+            forward_before_table: options.forward_before_table,
+            metrics,
+        });
+        if let Some(path) = &options.saved_table
+            && let Some(saved) = load_table(path)
+        {
+            tracing::info!(path = %path.display(), hosts = saved.table.len(), "DNS: answering from the saved NameTable until the control plane sends one");
+            install(&resolver, &context, &saved);
+        }
+        tracing::info!(
+            addr = %udp.local_addr().map_err(|error| DnsError::Bind { addr: options.listen, error })?,
+            upstreams = ?resolver.forwarder.servers,
+            search = ?context.search,
+            "DNS proxy listening (UDP and TCP)"
+        );
+        Ok(Self {
+            udp,
+            tcp,
+            resolver,
+            context,
+            tables,
+            saved_table: options.saved_table,
+            listen_options: options.listen_options,
+        })
+    }
+
+    /// The address both sockets are bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.udp
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+
+    /// The counters, to be read while the server runs.
+    pub fn metrics(&self) -> Arc<DnsMetrics> {
+        self.resolver.metrics.clone()
+    }
+
+    /// Answers until `shutdown` completes; each new NameTable is built,
+    /// swapped in and saved.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            udp,
+            tcp,
+            resolver,
+            context,
+            mut tables,
+            saved_table,
+            listen_options,
+        } = self;
+        let udp_task = tokio::spawn(server::serve_udp(
+            Arc::new(udp),
+            resolver.clone(),
+            listen_options.max_udp_in_flight,
+        ));
+        let tcp_task = tokio::spawn(server::serve_tcp(tcp, resolver.clone(), listen_options));
+        let updates = {
+            let resolver = resolver.clone();
+            async move {
+                loop {
+                    let table = tables.borrow_and_update().clone();
+                    if let Some(table) = table {
+                        install(&resolver, &context, &table);
+                        if let Some(path) = &saved_table {
+                            save_table(path, &table);
+                        }
+                    }
+                    if tables.changed().await.is_err() {
+                        // The xDS proxy is gone: keep the last table.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = updates => {}
+        }
+        udp_task.abort();
+        tcp_task.abort();
+        let _ = udp_task.await;
+        let _ = tcp_task.await;
+    }
+}
+
+/// Builds and swaps in the table of `name_table`.
+fn install(resolver: &server::Resolver, context: &TableContext, name_table: &NameTable) {
+    let table = LookupTable::build(name_table, context);
+    let metrics = &resolver.metrics;
+    metrics
+        .table_hosts
+        .store(table.hosts() as u64, Ordering::Relaxed);
+    metrics
+        .table_names
+        .store(table.names() as u64, Ordering::Relaxed);
+    tracing::info!(
+        hosts = table.hosts(),
+        names = table.names(),
+        "DNS: table updated"
+    );
+    resolver.table.store(Some(Arc::new(table)));
+}
+
+/// Saves `table` (protobuf, 0600, atomically); failures are logged, the
+/// proxy keeps answering.
+pub fn save_table(path: &Path, table: &NameTable) {
+    if let Err(error) = crate::identity::write_atomic(path, &table.encode_to_vec()) {
+        tracing::warn!(%error, "DNS: cannot save the NameTable");
+    }
+}
+
+/// The saved table, if there is a readable one.
+pub fn load_table(path: &Path) -> Option<NameTable> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "DNS: cannot read the saved NameTable");
+            return None;
+        }
+    };
+    match NameTable::decode(bytes.as_slice()) {
+        Ok(table) => Some(table),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "DNS: the saved NameTable is corrupt; ignored");
+            None
+        }
+    }
+}
+
+/// A random number for query IDs and shuffles: SipHash with the process's
+/// random keys over a counter (no extra dependency; not for cryptography,
+/// but not guessable from outside either).
+pub(crate) fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static STATE: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new();
+    }
+    STATE.with(|state| {
+        let mut hasher = state.build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.finish()
+    })
+}
+
+/// Fisher–Yates: round-robin-like spreading of answers over addresses.
+pub(crate) fn shuffle<T>(items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let j = (random_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}

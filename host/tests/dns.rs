@@ -1,0 +1,485 @@
+//! The DNS proxy against real clients and a real upstream: `dig` asks the
+//! in-process server; dnsmasq on loopback plays the VM's nameserver.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshvm_agent::dns::{DnsOptions, DnsServer};
+use meshvm_agent::xds::NameTableReceiver;
+use meshvm_proto::istio::networking::nds::v1::NameTable;
+use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
+use meshvm_testing::process::{Process, free_port, wait_until};
+use tokio::sync::{oneshot, watch};
+
+/// What `dig` printed, picked apart.
+#[derive(Debug)]
+struct Dig {
+    status: String,
+    flags: Vec<String>,
+    /// `(name, type, data)` of the answer section.
+    answers: Vec<(String, String, String)>,
+    /// The TTL of each answer.
+    ttls: Vec<u32>,
+    output: String,
+}
+
+impl Dig {
+    fn data(&self, rtype: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .answers
+            .iter()
+            .filter(|a| a.1 == rtype)
+            .map(|a| a.2.clone())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// Runs `dig @addr name type extra...` (blocking; call from
+/// `spawn_blocking`).
+fn dig(addr: SocketAddr, name: &str, rtype: &str, extra: &[&str]) -> Dig {
+    let output = Command::new("dig")
+        .arg(format!("@{}", addr.ip()))
+        .args(["-p", &addr.port().to_string()])
+        .args(["+tries=1", "+time=30", "+nocookie"])
+        .args(extra)
+        .args([name, rtype])
+        .output()
+        .expect("dig runs (apt-get install bind9-dnsutils)");
+    let output = String::from_utf8_lossy(&output.stdout).into_owned();
+    let status = output
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("NONE")
+        .to_string();
+    let flags = output
+        .split(";; flags: ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .map(|s| s.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let answers = output
+        .split(";; ANSWER SECTION:\n")
+        .nth(1)
+        .map(|section| {
+            section
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f[0].to_string(), f[3].to_string(), f[4..].join(" "))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let ttls = output
+        .split(";; ANSWER SECTION:\n")
+        .nth(1)
+        .map(|section| {
+            section
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    Dig {
+        status,
+        flags,
+        answers,
+        ttls,
+        output,
+    }
+}
+
+async fn dig_async(addr: SocketAddr, name: &str, rtype: &str, extra: &[&str]) -> Dig {
+    let (name, rtype) = (name.to_string(), rtype.to_string());
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        dig(addr, &name, &rtype, &extra)
+    })
+    .await
+    .unwrap()
+}
+
+fn host(ips: &[&str], registry: &str, short: &str, ns: &str) -> NameInfo {
+    NameInfo {
+        ips: ips.iter().map(|s| s.to_string()).collect(),
+        registry: registry.into(),
+        shortname: short.into(),
+        namespace: ns.into(),
+        alt_hosts: Vec::new(),
+    }
+}
+
+fn mesh_table() -> NameTable {
+    let mut table = NameTable::default();
+    let t = &mut table.table;
+    t.insert(
+        "ratings.vm-ns.svc.cluster.local".into(),
+        host(&["10.96.0.10"], "Kubernetes", "ratings", "vm-ns"),
+    );
+    t.insert(
+        "reviews.other.svc.cluster.local".into(),
+        host(
+            &["10.96.0.11", "fd00::11"],
+            "Kubernetes",
+            "reviews",
+            "other",
+        ),
+    );
+    t.insert(
+        "*.wild.example.com".into(),
+        host(&["192.0.2.9"], "External", "", ""),
+    );
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("10.20.{}.{}", i / 200, i % 200 + 1))
+        .collect();
+    t.insert(
+        "many.example.com".into(),
+        NameInfo {
+            ips: many,
+            ..Default::default()
+        },
+    );
+    table
+}
+
+/// A running proxy: its address, the NameTable sender, and a stop switch.
+struct Proxy {
+    addr: SocketAddr,
+    tables: watch::Sender<Option<Arc<NameTable>>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(mut options: DnsOptions, dir: &Path, table: Option<NameTable>) -> Self {
+        let resolv = dir.join("resolv.conf");
+        if !resolv.exists() {
+            std::fs::write(&resolv, "nameserver 127.0.0.1\nsearch ec2.internal corp\n").unwrap();
+        }
+        options.resolv_conf = resolv;
+        let (tables, rx): (_, NameTableReceiver) = watch::channel(table.map(Arc::new));
+        let server = DnsServer::bind(options, rx).await.expect("the proxy binds");
+        let addr = server.local_addr();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            tables,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn options() -> DnsOptions {
+    let mut options = DnsOptions::new("vm-ns");
+    options.listen = "127.0.0.1:0".parse().unwrap();
+    options
+}
+
+/// dnsmasq serving `hosts` on 127.0.0.1:`port` (UDP and TCP), no recursion.
+fn dnsmasq(dir: &Path, hosts: &str) -> (Process, SocketAddr) {
+    let file = dir.join("upstream-hosts");
+    std::fs::write(&file, hosts).unwrap();
+    // dnsmasq started as root drops to `nobody`, who must read the file.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let port = free_port();
+    let mut command = Command::new("dnsmasq");
+    command.args([
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        // Authoritative for the test zone: NXDOMAIN, not REFUSED.
+        "--local=/example.org/",
+        &format!("--addn-hosts={}", file.display()),
+        &format!("--port={port}"),
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--keep-in-foreground",
+        "--log-facility=-",
+        &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+    ]);
+    let process = Process::spawn("dnsmasq", command);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until(
+        "dnsmasq answers",
+        || process.log(),
+        || dig(addr, "upstream.test", "A", &["+time=1"]).status != "NONE",
+    );
+    (process, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_names_cname_empty_noerror_and_wildcard() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(options(), dir.path(), Some(mesh_table())).await;
+    let addr = proxy.addr;
+
+    // Every alternate name of a Kubernetes service in the VM's namespace.
+    for name in [
+        "ratings.vm-ns.svc.cluster.local",
+        "RATINGS.vm-ns.svc",
+        "ratings.vm-ns",
+        "ratings",
+    ] {
+        let d = dig_async(addr, name, "A", &[]).await;
+        assert_eq!(d.status, "NOERROR", "{name}: {}", d.output);
+        assert!(d.flags.contains(&"aa".into()), "{}", d.output);
+        assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
+        assert_eq!(d.answers[0].1, "A");
+        assert!(d.answers.iter().all(|a| a.0.ends_with('.')));
+        assert_eq!(d.ttls, [30], "{}", d.output);
+    }
+    // Another namespace: no bare name (forwarded to an upstream that is
+    // not there: SERVFAIL, never a made-up answer).
+    let d = dig_async(addr, "reviews.other", "A", &[]).await;
+    assert_eq!(d.data("A"), ["10.96.0.11"]);
+
+    // The first search domain: a CNAME to the mesh name.
+    let d = dig_async(addr, "ratings.vm-ns.ec2.internal", "A", &[]).await;
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert_eq!(d.data("CNAME"), ["ratings.vm-ns."], "{}", d.output);
+    assert_eq!(d.data("A"), ["10.96.0.10"]);
+
+    // A known name without IPv6: empty NOERROR, not NXDOMAIN.
+    let d = dig_async(addr, "ratings.vm-ns", "AAAA", &[]).await;
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert!(
+        d.answers.is_empty() && d.flags.contains(&"aa".into()),
+        "{}",
+        d.output
+    );
+    let d = dig_async(addr, "reviews.other", "AAAA", &[]).await;
+    assert_eq!(d.data("AAAA"), ["fd00::11"]);
+
+    // Wildcards answer with the question's name.
+    let d = dig_async(addr, "api.v1.wild.example.com", "A", &[]).await;
+    assert_eq!(d.data("A"), ["192.0.2.9"], "{}", d.output);
+    assert_eq!(d.answers[0].0, "api.v1.wild.example.com.");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answer_is_truncated_over_udp_and_complete_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(options(), dir.path(), Some(mesh_table())).await;
+    // Over UDP only (+ignore: no retry): TC with what fits in 1232 bytes.
+    let d = dig_async(
+        proxy.addr,
+        "many.example.com",
+        "A",
+        &["+ignore", "+bufsize=1232"],
+    )
+    .await;
+    assert!(d.flags.contains(&"tc".into()), "{}", d.output);
+    assert!(d.answers.len() < 300, "{}", d.output);
+    // dig retries over TCP by itself and gets all 300.
+    let d = dig_async(proxy.addr, "many.example.com", "A", &[]).await;
+    assert!(
+        d.output.contains("Truncated, retrying in TCP mode"),
+        "{}",
+        d.output
+    );
+    assert_eq!(d.data("A").len(), 300, "{}", d.output);
+    // Several queries on one TCP connection (+keepopen).
+    let d = dig_async(
+        proxy.addr,
+        "many.example.com",
+        "A",
+        &["+tcp", "+keepopen", "ratings", "A", "ratings.vm-ns", "A"],
+    )
+    .await;
+    assert_eq!(
+        d.output.matches("status: NOERROR").count(),
+        3,
+        "{}",
+        d.output
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_to_a_real_upstream_over_udp_and_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dnsmasq, upstream) = dnsmasq(
+        dir.path(),
+        "198.51.100.1 upstream.test\n198.51.100.2 www.example.org\n2001:db8::2 www.example.org\n",
+    );
+    let mut options = options();
+    options.upstreams = vec![upstream];
+    let proxy = Proxy::start(options, dir.path(), Some(mesh_table())).await;
+    for transport in ["+notcp", "+tcp"] {
+        let d = dig_async(proxy.addr, "www.example.org", "A", &[transport]).await;
+        assert_eq!(d.status, "NOERROR", "{}", d.output);
+        assert_eq!(d.data("A"), ["198.51.100.2"], "{}", d.output);
+        // Relayed as is: dnsmasq's TTL, not ours.
+        // (dnsmasq's TTL for hosts-file names is 0.)
+        assert_eq!(d.ttls, [0], "{}", d.output);
+        let d = dig_async(proxy.addr, "www.example.org", "AAAA", &[transport]).await;
+        assert_eq!(d.data("AAAA"), ["2001:db8::2"], "{}", d.output);
+        // An unknown name: the upstream's NXDOMAIN, relayed.
+        let d = dig_async(proxy.addr, "nowhere.example.org", "A", &[transport]).await;
+        assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+    }
+    // Mesh names still come from the table, other types of them upstream.
+    let d = dig_async(proxy.addr, "ratings.vm-ns", "A", &[]).await;
+    assert_eq!(d.data("A"), ["10.96.0.10"]);
+    let d = dig_async(proxy.addr, "ratings.vm-ns", "TXT", &[]).await;
+    assert!(d.status != "NONE" && d.answers.is_empty(), "{}", d.output);
+    assert!(!d.flags.contains(&"aa".into()), "{}", d.output);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_servfail_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // A UDP socket that never answers, and a closed port.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let timeout = Duration::from_secs(1);
+    let mut options = options();
+    options.upstreams = vec![silent.local_addr().unwrap(), closed];
+    options.forward_timeout = timeout;
+    let proxy = Proxy::start(options.clone(), dir.path(), Some(mesh_table())).await;
+    let started = Instant::now();
+    let d = dig_async(proxy.addr, "www.example.org", "A", &[]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    // The silent server was waited for (the timeout is honoured, not
+    // skipped) and dig (30 s) got an answer before giving up.
+    assert!(started.elapsed() >= timeout);
+    let d = dig_async(proxy.addr, "www.example.org", "A", &["+tcp"]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    proxy.stop().await;
+
+    // In parallel: the same, each server once.
+    options.forward_parallel = true;
+    let proxy = Proxy::start(options, dir.path(), Some(mesh_table())).await;
+    let d = dig_async(proxy.addr, "www.example.org", "A", &[]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_first_table_servfail_or_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dnsmasq, upstream) = dnsmasq(dir.path(), "198.51.100.2 www.example.org\n");
+    let mut options = options();
+    options.upstreams = vec![upstream];
+    let proxy = Proxy::start(options.clone(), dir.path(), None).await;
+    let d = dig_async(proxy.addr, "www.example.org", "A", &[]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    // The first table arrives: answers start.
+    proxy.tables.send_replace(Some(Arc::new(mesh_table())));
+    let addr = proxy.addr;
+    tokio::task::spawn_blocking(move || {
+        wait_until("the first table is used", String::new, || {
+            dig(addr, "ratings.vm-ns", "A", &[]).status == "NOERROR"
+        })
+    })
+    .await
+    .unwrap();
+    proxy.stop().await;
+
+    options.forward_before_table = true;
+    let proxy = Proxy::start(options, dir.path(), None).await;
+    let d = dig_async(proxy.addr, "www.example.org", "A", &[]).await;
+    assert_eq!(d.data("A"), ["198.51.100.2"], "{}", d.output);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saved_table_answers_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir
+        .path()
+        .join("state")
+        .join(meshvm_agent::dns::SAVED_TABLE_FILE);
+    std::fs::create_dir_all(saved.parent().unwrap()).unwrap();
+    let mut options = options();
+    options.saved_table = Some(saved.clone());
+    let proxy = Proxy::start(options.clone(), dir.path(), Some(mesh_table())).await;
+    let file = saved.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the table is saved", String::new, || file.exists())
+    })
+    .await
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    proxy.stop().await;
+
+    // Restarted with no control plane: the saved table answers at once.
+    let proxy = Proxy::start(options.clone(), dir.path(), None).await;
+    let d = dig_async(proxy.addr, "ratings.vm-ns", "A", &[]).await;
+    assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
+    // A new table replaces it, and is saved in turn.
+    let mut next = NameTable::default();
+    next.table.insert(
+        "new.example.com".into(),
+        host(&["192.0.2.50"], "External", "", ""),
+    );
+    proxy.tables.send_replace(Some(Arc::new(next)));
+    let addr = proxy.addr;
+    tokio::task::spawn_blocking(move || {
+        wait_until("the new table is used", String::new, || {
+            dig(addr, "new.example.com", "A", &[]).data("A") == ["192.0.2.50"]
+        })
+    })
+    .await
+    .unwrap();
+    proxy.stop().await;
+    // A corrupt file is ignored (SERVFAIL until a table arrives).
+    std::fs::write(&saved, b"\xff\xff\xff not protobuf").unwrap();
+    let proxy = Proxy::start(options, dir.path(), None).await;
+    let d = dig_async(proxy.addr, "new.example.com", "A", &[]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_is_skipped_sequentially_and_outrun_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dnsmasq, upstream) = dnsmasq(dir.path(), "198.51.100.2 www.example.org\n");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    for parallel in [false, true] {
+        let mut options = options();
+        options.upstreams = vec![closed, silent.local_addr().unwrap(), upstream];
+        // Sequentially, the silent server costs one timeout (whatever the
+        // shuffled order); in parallel, dnsmasq answers first.
+        options.forward_timeout = Duration::from_secs(1);
+        options.forward_parallel = parallel;
+        let proxy = Proxy::start(options, dir.path(), Some(mesh_table())).await;
+        for transport in ["+notcp", "+tcp"] {
+            let d = dig_async(proxy.addr, "www.example.org", "A", &[transport]).await;
+            assert_eq!(
+                d.data("A"),
+                ["198.51.100.2"],
+                "parallel {parallel}: {}",
+                d.output
+            );
+        }
+        proxy.stop().await;
+    }
+}

@@ -15,8 +15,10 @@ use meshvm_controlplane::echo::EchoApp;
 use meshvm_controlplane::get::{self, GetRequest, OutputFormat, Scope};
 use meshvm_controlplane::onboard::{self, OnboardOptions};
 use meshvm_controlplane::registry::{Registry, RegistryOptions};
+use meshvm_controlplane::run_pod::{self, RunPodOptions, RunningPod};
 use meshvm_controlplane::server;
 use meshvm_controlplane::xds::XdsServer;
+use meshvm_controlplane::xds::envoy::EnvoyOptions;
 
 #[derive(Parser)]
 #[command(name = "meshvm-controlplane", version, about)]
@@ -160,6 +162,45 @@ enum Command {
         /// (istiod's MAX_WORKLOAD_CERT_TTL).
         #[arg(long, default_value = "2160h", value_parser = parse_duration)]
         max_cert_ttl: Duration,
+        /// The meshvm filter (`meshvm_filter.wasm`) for the proxies' inbound
+        /// and outbound HTTP listeners, as a path on the proxies' hosts;
+        /// without it, the proxies get plain mTLS.
+        #[arg(long, value_name = "FILE")]
+        filter_wasm: Option<PathBuf>,
+    },
+    /// Plays a Pod of the config directory on this host: its onboarding
+    /// files, its app (the echo app on each container port) and its sidecar
+    /// (`meshvm-agent run` with Envoy), until SIGTERM or SIGINT.
+    RunPod {
+        /// The Pod's name.
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// The control plane's config directory (where the Pod is defined).
+        #[arg(long)]
+        config_dir: PathBuf,
+        #[command(flatten)]
+        ca: CaArgs,
+        /// The control plane's CA and xDS address (`host:port`).
+        #[arg(long)]
+        discovery_address: String,
+        /// Where the Pod's files go (onboarding, certificates, Envoy's).
+        #[arg(long)]
+        work_dir: PathBuf,
+        /// Where the Pod's app listens; its Envoy forwards inbound requests
+        /// there.
+        #[arg(long, default_value = "127.0.0.1")]
+        app_address: IpAddr,
+        /// The loopback block for the Pod's outbound listeners (e.g.
+        /// 127.11.0.0/16), so it does not share the VM's.
+        #[arg(long)]
+        outbound_addresses: Option<String>,
+        /// The `meshvm-agent` binary (default: next to this one, else PATH).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Arguments for `meshvm-agent run`, after `--` (ports, `--envoy`).
+        #[arg(last = true)]
+        agent_args: Vec<String>,
     },
 }
 
@@ -172,6 +213,59 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::RunPod {
+            name,
+            namespace,
+            config_dir,
+            ca,
+            discovery_address,
+            work_dir,
+            app_address,
+            outbound_addresses,
+            agent,
+            agent_args,
+        } => {
+            let ca = ca.load()?;
+            let options = RunPodOptions {
+                name,
+                namespace,
+                config_dir,
+                work_dir,
+                discovery_address,
+                app_address,
+                outbound_addresses,
+                agent: agent.unwrap_or_else(run_pod::default_agent),
+                agent_args,
+            };
+            let mut pod = RunningPod::start(&ca, &options)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let exited = runtime.block_on(async {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                let stop = termination();
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        () = &mut stop => return None,
+                        _ = tick.tick() => {
+                            if let Ok(Some(status)) = pod.try_wait() {
+                                return Some(status);
+                            }
+                        }
+                    }
+                }
+            });
+            match exited {
+                Some(status) => anyhow::bail!("the Pod's agent exited: {status}"),
+                None => {
+                    let status = pod.stop().context("stopping the Pod's agent")?;
+                    tracing::info!(%status, "Pod stopped");
+                    Ok(())
+                }
+            }
+        }
         Command::Echo { listen, name } => {
             let app = EchoApp::spawn(&listen, &name).context("starting the echo app")?;
             tracing::info!(addr = %app.addr(), %name, "echo app listening");
@@ -264,7 +358,20 @@ fn main() -> anyhow::Result<()> {
             dns_names,
             default_cert_ttl,
             max_cert_ttl,
+            filter_wasm,
         } => {
+            if let Some(wasm) = &filter_wasm {
+                let magic = std::fs::read(wasm)
+                    .with_context(|| format!("--filter-wasm {}", wasm.display()))?;
+                anyhow::ensure!(
+                    magic.starts_with(b"\0asm"),
+                    "--filter-wasm {}: not a WebAssembly module (no \\0asm magic)",
+                    wasm.display()
+                );
+            }
+            let envoy_options = EnvoyOptions {
+                filter_wasm: filter_wasm.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            };
             anyhow::ensure!(
                 default_cert_ttl <= max_cert_ttl,
                 "--default-cert-ttl must not exceed --max-cert-ttl"
@@ -311,7 +418,7 @@ fn main() -> anyhow::Result<()> {
                         format!("opening the state directory {}", state_dir.display())
                     })?,
                 );
-                let xds = XdsServer::new(ca.clone(), registry.clone(), config);
+                let xds = XdsServer::new(ca.clone(), registry.clone(), config, envoy_options);
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("listening on {listen}"))?;

@@ -8,18 +8,20 @@
 //!    (`InvalidArgument` naming the key); the [`Registry`] checks the
 //!    identity and auto-registers the VM (`PermissionDenied`,
 //!    `FailedPrecondition`). Any of these ends the stream with that status.
-//! 2. Requests are answered per type: the NameTable ([`name_table`]) from
-//!    the Services of the config directory, pushed again when it changes;
-//!    Envoy's own types with what this control plane generates for the
-//!    proxy (nothing yet: an empty, valid answer); `HealthInformation`
-//!    never gets an answer.
+//! 2. Requests are answered per type from the [`MeshModel`] (rebuilt once
+//!    per change of the config directory or the registered entries): the
+//!    NameTable ([`name_table`]), and Envoy's listeners, clusters and
+//!    endpoints for this proxy ([`envoy`]); each is pushed again when what
+//!    the proxy subscribed to changed. Other types get an empty, valid
+//!    answer; `HealthInformation` never gets an answer.
 //! 3. When the stream ends, the registry is told, which starts the grace
 //!    period of an auto-registered WorkloadEntry.
 
+pub mod envoy;
 pub mod name_table;
 mod protocol;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,9 +44,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::MeshCa;
 use crate::config::ConfigSnapshot;
+use crate::mesh::MeshModel;
 use crate::node::ProxyNode;
 use crate::registry::{Proxy, Registry};
-use protocol::{Delta, ServerProtocol, Sotw};
+use envoy::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, EnvoyOptions, LISTENER_TYPE_URL, ProxyView};
+use protocol::{Delta, ServerProtocol, Sotw, Subscription};
 
 /// One named resource of a response.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,11 +70,19 @@ struct Built {
     resources: Vec<NamedResource>,
 }
 
+/// The mesh at one moment, and what every proxy gets alike from it.
+struct MeshState {
+    model: MeshModel,
+    /// Every outbound cluster's endpoints (EDS).
+    endpoints: Arc<Built>,
+}
+
 struct Inner {
     ca: Arc<MeshCa>,
     registry: Arc<Registry>,
-    /// The NameTable of the current config and registered entries.
-    name_table: watch::Receiver<Arc<Built>>,
+    /// The mesh of the current config and registered entries.
+    mesh: watch::Receiver<Arc<MeshState>>,
+    envoy: EnvoyOptions,
     nonces: AtomicU64,
     connections: watch::Sender<usize>,
     /// Set when the control plane shuts down: every stream ends.
@@ -79,20 +91,23 @@ struct Inner {
 
 impl XdsServer {
     /// Serves proxies authenticated by `ca`, registered in `registry`,
-    /// configured from `config`. Must be called inside a Tokio runtime: a
-    /// task rebuilds what the streams send when the config or the
-    /// registered entries change (once per change, not once per stream).
+    /// configured from `config`, Envoy's resources shaped by `envoy`. Must
+    /// be called inside a Tokio runtime: a task rebuilds the mesh model when
+    /// the config or the registered entries change (once per change, not
+    /// once per stream).
     pub fn new(
         ca: Arc<MeshCa>,
         registry: Arc<Registry>,
         config: watch::Receiver<Arc<ConfigSnapshot>>,
+        envoy: EnvoyOptions,
     ) -> Self {
-        let name_table = spawn_name_table_builder(config, registry.subscribe());
+        let mesh = spawn_mesh_builder(config, registry.subscribe(), ca.trust_domain().to_string());
         Self {
             inner: Arc::new(Inner {
                 ca,
                 registry,
-                name_table,
+                mesh,
+                envoy,
                 nonces: AtomicU64::new(1),
                 connections: watch::channel(0).0,
                 closing: watch::channel(false).0,
@@ -165,11 +180,133 @@ impl XdsServer {
     }
 }
 
-/// What one stream has been sent, per type.
+/// What one stream has asked for and been sent, per type.
 #[derive(Default)]
 struct Sent {
     /// Type URL → (version, resource names) of the last response.
     types: BTreeMap<String, (String, Vec<String>)>,
+    /// Type URL → the names subscribed to (`None`: all of them).
+    subscriptions: BTreeMap<String, Option<BTreeSet<String>>>,
+}
+
+impl Sent {
+    /// Applies a request's subscription change; whether it changed.
+    fn subscribe(&mut self, type_url: &str, change: Subscription) -> bool {
+        let current = self.subscriptions.get(type_url);
+        let next = match change {
+            Subscription::Replace(names) => names_or_wildcard(names),
+            Subscription::Change {
+                subscribe,
+                unsubscribe,
+            } => {
+                let mut set = match current {
+                    // A first Delta request without names is a wildcard one.
+                    None if subscribe.is_empty() => None,
+                    None => Some(BTreeSet::new()),
+                    Some(set) => set.clone(),
+                };
+                if subscribe.iter().any(|n| n == "*") {
+                    set = None;
+                }
+                if let Some(set) = set.as_mut() {
+                    set.extend(subscribe);
+                    for name in &unsubscribe {
+                        set.remove(name);
+                    }
+                }
+                set
+            }
+        };
+        let changed = current != Some(&next);
+        self.subscriptions.insert(type_url.to_string(), next);
+        changed
+    }
+
+    fn wants(&self, type_url: &str, name: &str) -> bool {
+        match self.subscriptions.get(type_url) {
+            Some(Some(names)) => names.contains(name),
+            _ => true,
+        }
+    }
+}
+
+fn names_or_wildcard(names: Vec<String>) -> Option<BTreeSet<String>> {
+    if names.is_empty() || names.iter().any(|n| n == "*") {
+        None
+    } else {
+        Some(names.into_iter().collect())
+    }
+}
+
+/// What one stream's proxy is sent, generated from the mesh when what it
+/// depends on changes.
+struct ProxyConfig {
+    view: ProxyView,
+    key: Option<u64>,
+    listeners: Arc<Built>,
+    clusters: Arc<Built>,
+    name_table: Arc<Built>,
+}
+
+impl ProxyConfig {
+    fn new(view: ProxyView) -> Self {
+        let empty = Arc::new(Built::default());
+        Self {
+            view,
+            key: None,
+            listeners: empty.clone(),
+            clusters: empty.clone(),
+            name_table: empty,
+        }
+    }
+
+    /// Regenerates from `mesh` if the proxy's part of it changed.
+    fn refresh(&mut self, mesh: &MeshState, options: &EnvoyOptions) {
+        let model = &mesh.model;
+        let key = envoy::config_key(model, &self.view);
+        let headless = model.services.iter().any(|s| s.cluster_ip.is_none());
+        if self.key == Some(key) && !headless {
+            return;
+        }
+        if self.key != Some(key) {
+            self.listeners = Arc::new(Built::new(envoy::listeners(model, &self.view, options)));
+            self.clusters = Arc::new(Built::new(envoy::clusters(model, &self.view)));
+            self.key = Some(key);
+        }
+        let table = name_table::build(model, &self.view.outbound.assign(&model.services));
+        self.name_table = Arc::new(Built::new(vec![NamedResource {
+            name: String::new(),
+            resource: Any {
+                type_url: NAME_TABLE_TYPE_URL.into(),
+                value: table.encode_to_vec(),
+            },
+        }]));
+    }
+
+    fn built_for(&self, mesh: &MeshState, type_url: &str) -> Arc<Built> {
+        match type_url {
+            NAME_TABLE_TYPE_URL => self.name_table.clone(),
+            LISTENER_TYPE_URL => self.listeners.clone(),
+            CLUSTER_TYPE_URL => self.clusters.clone(),
+            ENDPOINT_TYPE_URL => mesh.endpoints.clone(),
+            // Routes are inline, secrets come from the agent; anything else
+            // gets an empty, valid answer.
+            _ => {
+                static EMPTY: std::sync::LazyLock<Arc<Built>> =
+                    std::sync::LazyLock::new(|| Arc::new(Built::new(Vec::new())));
+                EMPTY.clone()
+            }
+        }
+    }
+}
+
+impl Built {
+    fn new(resources: Vec<NamedResource>) -> Self {
+        Built {
+            version: version_of(&resources),
+            resources,
+        }
+    }
 }
 
 /// Authenticates, registers, then answers until the stream ends.
@@ -183,7 +320,7 @@ async fn serve_stream<P: ServerProtocol>(
         Ok(Some(first)) => first,
         _ => return,
     };
-    let (proxy, connection) = match admit::<P>(&inner, &peer_certs, &first).await {
+    let (proxy, view, connection) = match admit::<P>(&inner, &peer_certs, &first).await {
         Ok(admitted) => admitted,
         Err(status) => {
             tracing::warn!(
@@ -205,13 +342,16 @@ async fn serve_stream<P: ServerProtocol>(
     );
     inner.connections.send_modify(|n| *n += 1);
 
-    let mut name_table = inner.name_table.clone();
+    let mut mesh = inner.mesh.clone();
     let mut closing = inner.closing.subscribe();
     let mut sent = Sent::default();
+    let mut config = ProxyConfig::new(view);
+    let mut current = mesh.borrow_and_update().clone();
+    config.refresh(&current, &inner.envoy);
     let mut request = Some(first);
     loop {
         if let Some(r) = request.take()
-            && !handle::<P>(&inner, &proxy, &mut sent, &tx, r).await
+            && !handle::<P>(&inner, &proxy, &config, &current, &mut sent, &tx, r).await
         {
             break;
         }
@@ -228,8 +368,13 @@ async fn serve_stream<P: ServerProtocol>(
                 let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
                 break;
             }
-            changed = name_table.changed() => {
-                if changed.is_err() || !push_changes::<P>(&inner, &mut sent, &tx).await {
+            changed = mesh.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                current = mesh.borrow_and_update().clone();
+                config.refresh(&current, &inner.envoy);
+                if !push_changes::<P>(&inner, &config, &current, &mut sent, &tx).await {
                     break;
                 }
             }
@@ -248,7 +393,7 @@ async fn admit<P: ServerProtocol>(
     inner: &Inner,
     peer_certs: &[CertificateDer<'static>],
     first: &P::Request,
-) -> Result<(Proxy, Option<crate::registry::Connection>), Status> {
+) -> Result<(Proxy, ProxyView, Option<crate::registry::Connection>), Status> {
     let node = P::node(first)
         .filter(|n| !n.id.is_empty())
         .ok_or_else(|| Status::invalid_argument("missing node information"))?;
@@ -264,6 +409,8 @@ async fn admit<P: ServerProtocol>(
         .map_err(|e| Status::unauthenticated(format!("authentication failure: {e}")))?;
     let parsed = ProxyNode::parse(node)
         .map_err(|e| Status::invalid_argument(format!("node {}: {e}", node.id)))?;
+    let view = ProxyView::from_node(&parsed)
+        .map_err(|e| Status::invalid_argument(format!("node {}: {e}", node.id)))?;
     let proxy = Proxy {
         node: parsed,
         identities: vec![identity],
@@ -273,13 +420,15 @@ async fn admit<P: ServerProtocol>(
         .connect(&proxy)
         .await
         .map_err(|e| Status::new(e.code(), e.to_string()))?;
-    Ok((proxy, connection))
+    Ok((proxy, view, connection))
 }
 
 /// Answers one request. `false` when the stream is gone.
 async fn handle<P: ServerProtocol>(
     inner: &Inner,
     proxy: &Proxy,
+    config: &ProxyConfig,
+    mesh: &MeshState,
     sent: &mut Sent,
     tx: &mpsc::Sender<Result<P::Response, Status>>,
     request: P::Request,
@@ -296,6 +445,7 @@ async fn handle<P: ServerProtocol>(
         }
         return true;
     }
+    let is_ack = P::is_ack(&request);
     if let Some(error) = P::error_detail(&request) {
         tracing::warn!(
             node = %proxy.node.node_id,
@@ -303,120 +453,103 @@ async fn handle<P: ServerProtocol>(
             error,
             "ADS: the proxy rejected (NACKed) a response"
         );
+        sent.subscribe(&type_url, P::subscription(request));
         return true;
     }
-    if P::is_ack(&request) {
+    let subscription_changed = sent.subscribe(&type_url, P::subscription(request));
+    // An ACK that also changes what is subscribed (Envoy asking for the
+    // endpoints of new clusters) is a new request.
+    if is_ack && !subscription_changed {
         return true;
     }
-    respond::<P>(inner, sent, tx, &type_url, true).await
+    respond::<P>(inner, config, mesh, sent, tx, &type_url, true).await
 }
 
 /// Re-sends every subscribed type whose content changed.
 async fn push_changes<P: ServerProtocol>(
     inner: &Inner,
+    config: &ProxyConfig,
+    mesh: &MeshState,
     sent: &mut Sent,
     tx: &mpsc::Sender<Result<P::Response, Status>>,
 ) -> bool {
     let types: Vec<String> = sent.types.keys().cloned().collect();
     for type_url in types {
-        if !respond::<P>(inner, sent, tx, &type_url, false).await {
+        if !respond::<P>(inner, config, mesh, sent, tx, &type_url, false).await {
             return false;
         }
     }
     true
 }
 
-/// Sends the resources of `type_url`, unless `always` is false and they
-/// have not changed since the last response.
+/// Sends the subscribed resources of `type_url`, unless `always` is false
+/// and they have not changed since the last response.
 async fn respond<P: ServerProtocol>(
     inner: &Inner,
+    config: &ProxyConfig,
+    mesh: &MeshState,
     sent: &mut Sent,
     tx: &mpsc::Sender<Result<P::Response, Status>>,
     type_url: &str,
     always: bool,
 ) -> bool {
-    let built = built_for(inner, type_url);
+    let built = config.built_for(mesh, type_url);
+    let resources: Vec<NamedResource> = built
+        .resources
+        .iter()
+        .filter(|r| sent.wants(type_url, &r.name))
+        .cloned()
+        .collect();
+    // The version of what this stream gets: a subscription to a few
+    // endpoints does not change when others do.
+    let version = if resources.len() == built.resources.len() {
+        built.version.clone()
+    } else {
+        version_of(&resources)
+    };
     let previous = sent.types.get(type_url);
-    if !always && previous.is_some_and(|(v, _)| *v == built.version) {
+    if !always && previous.is_some_and(|(v, _)| *v == version) {
         return true;
     }
-    let names: Vec<String> = built.resources.iter().map(|r| r.name.clone()).collect();
+    let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
     let removed: Vec<String> = previous
         .map(|(_, old)| old.iter().filter(|n| !names.contains(n)).cloned().collect())
         .unwrap_or_default();
     let nonce = inner.nonces.fetch_add(1, Ordering::Relaxed).to_string();
-    let response = P::response(
-        type_url,
-        &built.version,
-        &nonce,
-        built.resources.clone(),
-        removed,
-    );
-    sent.types
-        .insert(type_url.to_string(), (built.version.clone(), names));
+    let response = P::response(type_url, &version, &nonce, resources, removed);
+    sent.types.insert(type_url.to_string(), (version, names));
     tx.send(Ok(response)).await.is_ok()
 }
 
-/// What this control plane serves for `type_url`.
-fn built_for(inner: &Inner, type_url: &str) -> Arc<Built> {
-    if type_url == NAME_TABLE_TYPE_URL {
-        return inner.name_table.borrow().clone();
-    }
-    // Envoy's types: the mesh configuration issue generates listeners,
-    // clusters and endpoints; until then an empty, valid answer.
-    static EMPTY: std::sync::LazyLock<Arc<Built>> = std::sync::LazyLock::new(|| {
-        Arc::new(Built {
-            version: version_of(&[]),
-            resources: Vec::new(),
-        })
-    });
-    EMPTY.clone()
-}
-
-/// Keeps the NameTable of the config and the registered entries current:
+/// Keeps the mesh model of the config and the registered entries current:
 /// rebuilt once per change (bursts of changes coalesce), published only
-/// when its content changed.
-fn spawn_name_table_builder(
+/// when it changed.
+fn spawn_mesh_builder(
     mut config: watch::Receiver<Arc<ConfigSnapshot>>,
     mut entries: watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>,
-) -> watch::Receiver<Arc<Built>> {
+    trust_domain: String,
+) -> watch::Receiver<Arc<MeshState>> {
     let build =
-        |config: &watch::Receiver<Arc<ConfigSnapshot>>,
-         entries: &watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>| {
+        move |config: &watch::Receiver<Arc<ConfigSnapshot>>,
+              entries: &watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>| {
             let snapshot = config.borrow().clone();
             let registered = entries.borrow().clone();
-            let table = name_table::build(&snapshot, &registered);
-            let resources = vec![NamedResource {
-                name: String::new(),
-                resource: Any {
-                    type_url: NAME_TABLE_TYPE_URL.into(),
-                    value: table.encode_to_vec(),
-                },
-            }];
-            Arc::new(Built {
-                version: version_of(&resources),
-                resources,
-            })
+            let model = MeshModel::build(&snapshot, &registered, &trust_domain);
+            let endpoints = Arc::new(Built::new(envoy::endpoints(&model)));
+            Arc::new(MeshState { model, endpoints })
         };
     let (tx, rx) = watch::channel(build(&config, &entries));
     tokio::spawn(async move {
         loop {
-            let config_changed = tokio::select! {
-                changed = config.changed() => if changed.is_err() { break } else { true },
-                changed = entries.changed() => if changed.is_err() { break } else { false },
-            };
-            let config_changed = config_changed || config.has_changed().unwrap_or(false);
+            tokio::select! {
+                changed = config.changed() => if changed.is_err() { break },
+                changed = entries.changed() => if changed.is_err() { break },
+            }
             config.mark_unchanged();
             entries.mark_unchanged();
-            // Registered entries only matter to headless Services (their
-            // names resolve to endpoint addresses): without one, a
-            // registration or disconnect changes nothing here.
-            if !config_changed && !name_table::has_headless_service(&config.borrow()) {
-                continue;
-            }
             let built = build(&config, &entries);
             tx.send_if_modified(|current| {
-                let changed = current.version != built.version;
+                let changed = current.model != built.model;
                 if changed {
                     *current = built;
                 }

@@ -54,7 +54,12 @@ async fn control_plane() -> ControlPlane {
     };
     let registry =
         Arc::new(Registry::open(dir.path().join("state"), watcher.subscribe(), options).unwrap());
-    let xds = XdsServer::new(ca.clone(), registry.clone(), watcher.subscribe());
+    let xds = XdsServer::new(
+        ca.clone(),
+        registry.clone(),
+        watcher.subscribe(),
+        Default::default(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

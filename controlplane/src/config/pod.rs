@@ -14,7 +14,8 @@ pub const KIND: &str = "Pod";
 /// The core API's version.
 pub const API_VERSION: &str = "v1";
 
-/// A Pod; containers and the rest of the spec are ignored.
+/// A Pod: its identity, labels, address and named container ports (the
+/// rest of the spec is ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Pod {
@@ -36,11 +37,37 @@ pub struct PodSpec {
     /// Deprecated alias of `serviceAccountName`, still honoured.
     #[serde(default)]
     pub service_account: Option<String>,
+    /// Only the ports matter: a Service's named `targetPort` resolves to a
+    /// container port of that name.
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+/// `spec.containers[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Container {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// `spec.containers[].ports[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: String,
+    pub container_port: u32,
 }
 
 /// `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct PodStatus {
+    /// `Pending`, `Running`, ...; a Pod that says it is not running is no
+    /// Service endpoint.
+    #[serde(default)]
+    pub phase: Option<String>,
     /// Unset until the Pod is scheduled and has a network.
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
@@ -81,7 +108,34 @@ impl Pod {
                 format!("`{ip}` is not an IP address"),
             ));
         }
+        for (c, container) in self.spec.containers.iter().enumerate() {
+            for (p, port) in container.ports.iter().enumerate() {
+                if !(1..=65535).contains(&port.container_port) {
+                    return Err(ManifestProblem::field(
+                        format!("spec.containers[{c}].ports[{p}].containerPort"),
+                        format!("{} is not a port (1-65535)", port.container_port),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The named container ports (name → port), as a named `targetPort`
+    /// resolves them.
+    pub fn named_ports(&self) -> std::collections::BTreeMap<String, u16> {
+        self.spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter(|p| !p.name.is_empty())
+            .map(|p| (p.name.clone(), p.container_port as u16))
+            .collect()
+    }
+
+    /// Whether the Pod can serve: not in a phase other than `Running`.
+    pub fn is_running(&self) -> bool {
+        self.status.phase.as_deref().is_none_or(|p| p == "Running")
     }
 
     /// The service account the Pod runs as: `serviceAccountName`, else the

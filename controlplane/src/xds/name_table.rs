@@ -1,48 +1,60 @@
 //! The NameTable the control plane sends to a VM's DNS proxy (reference
 //! §5.2; istiod's pkg/dns/server/name_table.go): every Service as
-//! `<name>.<namespace>.svc.cluster.local` with its addresses, marked as
+//! `<name>.<namespace>.svc.cluster.local` with its address, marked as
 //! Kubernetes-registry names (`registry`, `shortname`, `namespace`) so the
 //! agent also answers the short forms.
 
-use std::net::IpAddr;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
 use meshvm_proto::istio::networking::nds::v1::NameTable;
 use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
 
-use crate::config::ConfigSnapshot;
-use crate::config::selector::{select_pods, select_workload_entries};
+use crate::mesh::MeshModel;
 
-/// The cluster's DNS domain.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The registry of Services and Pods.
 pub const KUBERNETES_REGISTRY: &str = "Kubernetes";
 
-/// The name table for `snapshot`'s Services, plus the `extra` WorkloadEntries
-/// the registry created (they count as endpoints of headless Services).
+/// The name table of `model`'s Services for a proxy whose outbound
+/// listeners are at `outbound` (hostname → the Service's loopback address,
+/// [`crate::mesh::vip`]).
 ///
-/// A Service with a cluster IP resolves to it. A headless Service
-/// (`clusterIP: None`) resolves to the addresses of the Pods and
-/// WorkloadEntries it selects, as istiod lists ready endpoints of headless
-/// Services. A Service with neither is left out (nothing to answer).
-pub fn build(snapshot: &ConfigSnapshot, registered: &[crate::config::WorkloadEntry]) -> NameTable {
+/// A Service with a cluster IP resolves to its outbound address, where the
+/// proxy's Envoy listens for it (the cluster IP itself is only reachable
+/// with traffic capture). A headless Service (`clusterIP: None`) resolves
+/// to the addresses of the ready Pods and WorkloadEntries it selects, as
+/// istiod lists ready endpoints of headless Services. A Service with
+/// neither is left out (nothing to answer).
+pub fn build(model: &MeshModel, outbound: &BTreeMap<String, Ipv4Addr>) -> NameTable {
     let mut table = NameTable::default();
-    for service in snapshot.services.values() {
-        let namespace = service.metadata.namespace().to_string();
-        let name = service.metadata.name.clone();
-        let ips: Vec<String> = match service.cluster_ip() {
-            Some(ip) => vec![ip.to_string()],
-            None => headless_ips(snapshot, registered, service),
+    for service in &model.services {
+        let ips: Vec<String> = match service.cluster_ip {
+            Some(_) => outbound
+                .get(&service.hostname)
+                .map(|vip| vec![vip.to_string()])
+                .unwrap_or_default(),
+            None => {
+                let mut ips: Vec<_> = model
+                    .workloads
+                    .iter()
+                    .filter(|w| w.ready && service.selects(w))
+                    .map(|w| w.address)
+                    .collect();
+                ips.sort();
+                ips.dedup();
+                ips.into_iter().map(|ip| ip.to_string()).collect()
+            }
         };
         if ips.is_empty() {
             continue;
         }
         table.table.insert(
-            format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+            service.hostname.clone(),
             NameInfo {
                 ips,
                 registry: KUBERNETES_REGISTRY.into(),
-                shortname: name,
-                namespace,
+                shortname: service.name.clone(),
+                namespace: service.namespace.clone(),
                 alt_hosts: Vec::new(),
             },
         );
@@ -50,38 +62,10 @@ pub fn build(snapshot: &ConfigSnapshot, registered: &[crate::config::WorkloadEnt
     table
 }
 
-/// Whether any Service is headless (its name resolves to the addresses of
-/// the Pods and WorkloadEntries it selects).
-pub fn has_headless_service(snapshot: &ConfigSnapshot) -> bool {
-    snapshot.services.values().any(|s| s.cluster_ip().is_none())
-}
-
-fn headless_ips(
-    snapshot: &ConfigSnapshot,
-    registered: &[crate::config::WorkloadEntry],
-    service: &crate::config::Service,
-) -> Vec<String> {
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for pod in select_pods(service, snapshot.pods.values()) {
-        if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|t| t.parse().ok()) {
-            ips.push(ip);
-        }
-    }
-    let entries = snapshot.workload_entries.values().chain(registered.iter());
-    for entry in select_workload_entries(service, entries) {
-        if let Ok(ip) = entry.spec.address.parse::<IpAddr>() {
-            ips.push(ip);
-        }
-    }
-    ips.sort();
-    ips.dedup();
-    ips.into_iter().map(|ip| ip.to_string()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_manifests;
+    use crate::config::{ConfigSnapshot, parse_manifests};
     use std::path::Path;
 
     fn snapshot(yaml: &str) -> ConfigSnapshot {
@@ -129,9 +113,11 @@ spec:
   ports: [{name: tcp, port: 1}]
 "#,
         );
-        let table = build(&s, &[]);
+        let model = MeshModel::build(&s, &[], "cluster.local");
+        let block = crate::mesh::vip::AddressBlock::default();
+        let table = build(&model, &block.assign(&model.services));
         let product = &table.table["product.default.svc.cluster.local"];
-        assert_eq!(product.ips, vec!["10.96.0.20"]);
+        assert_eq!(product.ips, vec!["127.240.0.20"]);
         assert_eq!(product.registry, "Kubernetes");
         assert_eq!(product.shortname, "product");
         assert_eq!(product.namespace, "default");
@@ -140,6 +126,5 @@ spec:
             vec!["10.244.0.7"]
         );
         assert!(!table.table.contains_key("empty.data.svc.cluster.local"));
-        assert!(has_headless_service(&s));
     }
 }

@@ -8,6 +8,18 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 
 use super::NamedResource;
 
+/// What a request says about the resource names it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscription {
+    /// State of the world: the full list (empty: all of them).
+    Replace(Vec<String>),
+    /// Delta: names added and removed.
+    Change {
+        subscribe: Vec<String>,
+        unsubscribe: Vec<String>,
+    },
+}
+
 pub trait ServerProtocol: Send + Sync + 'static {
     type Request: Send + Sync + 'static;
     type Response: Send + Sync + 'static;
@@ -17,8 +29,10 @@ pub trait ServerProtocol: Send + Sync + 'static {
     fn type_url(request: &Self::Request) -> &str;
     /// The NACK's (or an unhealthy report's) message.
     fn error_detail(request: &Self::Request) -> Option<&str>;
-    /// An ACK of an earlier response (nothing new asked).
+    /// A reply to an earlier response (an ACK, unless its subscription
+    /// changed).
     fn is_ack(request: &Self::Request) -> bool;
+    fn subscription(request: Self::Request) -> Subscription;
     fn response(
         type_url: &str,
         version: &str,
@@ -49,6 +63,10 @@ impl ServerProtocol for Sotw {
 
     fn is_ack(request: &DiscoveryRequest) -> bool {
         !request.response_nonce.is_empty()
+    }
+
+    fn subscription(request: DiscoveryRequest) -> Subscription {
+        Subscription::Replace(request.resource_names)
     }
 
     fn response(
@@ -89,8 +107,13 @@ impl ServerProtocol for Delta {
 
     fn is_ack(request: &DeltaDiscoveryRequest) -> bool {
         !request.response_nonce.is_empty()
-            && request.resource_names_subscribe.is_empty()
-            && request.resource_names_unsubscribe.is_empty()
+    }
+
+    fn subscription(request: DeltaDiscoveryRequest) -> Subscription {
+        Subscription::Change {
+            subscribe: request.resource_names_subscribe,
+            unsubscribe: request.resource_names_unsubscribe,
+        }
     }
 
     fn response(

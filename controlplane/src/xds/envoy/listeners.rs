@@ -1,0 +1,209 @@
+//! Inbound and outbound listeners, and the meshvm filter in them.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    AsyncDataSource, DataSource, TrafficDirection, async_data_source, data_source,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, StringValue};
+use envoy_types::util::pack_any;
+
+use super::{EnvoyOptions, InboundPort, ProxyView, inbound_cluster_name, socket_address, tls};
+use crate::mesh::{MeshPort, MeshService};
+
+/// Which way the filter faces; its plugin configuration's `direction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// `<address>_<port>`, istiod's listener naming.
+fn listener_name(addr: SocketAddr) -> String {
+    format!("{}_{}", addr.ip(), addr.port())
+}
+
+/// The listener on the workload's address for one of its ports.
+pub fn inbound(view: &ProxyView, port: &InboundPort, options: &EnvoyOptions) -> Listener {
+    let addr = SocketAddr::new(view.address, port.port);
+    let cluster = inbound_cluster_name(port.port);
+    let stat_prefix = format!("inbound_{}", port.port);
+    let filter = if port.protocol.is_http() {
+        http_connection_manager(&stat_prefix, &cluster, Direction::Inbound, options)
+    } else {
+        tcp_proxy(&stat_prefix, &cluster)
+    };
+    Listener {
+        name: listener_name(addr),
+        address: Some(socket_address(addr)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            transport_socket: Some(tls::downstream(port.protocol.is_http())),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The listener on a Service's loopback address for one of its ports.
+pub fn outbound(
+    vip: Ipv4Addr,
+    service: &MeshService,
+    port: &MeshPort,
+    options: &EnvoyOptions,
+) -> Listener {
+    let addr = SocketAddr::new(vip.into(), port.port);
+    let cluster = service.cluster_name(port.port);
+    let stat_prefix = format!("outbound_{}_{}", port.port, service.hostname);
+    let filter = if port.protocol.is_http() {
+        http_connection_manager(&stat_prefix, &cluster, Direction::Outbound, options)
+    } else {
+        tcp_proxy(&stat_prefix, &cluster)
+    };
+    Listener {
+        name: listener_name(addr),
+        address: Some(socket_address(addr)),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
+    let proxy = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(proxy))),
+    }
+}
+
+/// An HTTP connection manager routing everything to `cluster`, with the
+/// meshvm filter (when configured) before the router.
+fn http_connection_manager(
+    stat_prefix: &str,
+    cluster: &str,
+    direction: Direction,
+    options: &EnvoyOptions,
+) -> Filter {
+    let route = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+            // istiod disables the route timeout (0s): long requests and
+            // streams are the app's business.
+            timeout: Some(PbDuration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let route_config = RouteConfiguration {
+        name: cluster.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: cluster.to_string(),
+            domains: vec!["*".into()],
+            routes: vec![route],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut http_filters = Vec::new();
+    if let Some(wasm) = &options.filter_wasm {
+        http_filters.push(wasm_filter(wasm, direction == Direction::Inbound));
+    }
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
+        ..Default::default()
+    });
+    let manager = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            route_config,
+        )),
+        http_filters,
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(manager))),
+    }
+}
+
+/// The meshvm filter from `wasm` (a local file on the proxy's host), facing
+/// inbound or outbound. Every listener shares one Wasm VM per worker
+/// (`vm_id` `meshvm`); each direction is its own plugin.
+pub fn wasm_filter(wasm: &Path, inbound: bool) -> HttpFilter {
+    let direction = if inbound {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
+    };
+    let configuration = serde_json::json!({ "direction": direction.as_str() }).to_string();
+    let plugin = PluginConfig {
+        name: format!("meshvm-{}", direction.as_str()),
+        root_id: "meshvm".into(),
+        configuration: Some(pack_any(StringValue {
+            value: configuration,
+        })),
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            vm_id: "meshvm".into(),
+            runtime: "envoy.wasm.runtime.v8".into(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(wasm.display().to_string())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        // FAIL_CLOSED (0, the default): a broken filter refuses requests
+        // rather than letting them through unlabelled.
+        ..Default::default()
+    };
+    HttpFilter {
+        name: "envoy.filters.http.wasm".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Wasm {
+            config: Some(plugin),
+        }))),
+        ..Default::default()
+    }
+}

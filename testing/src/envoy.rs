@@ -14,6 +14,25 @@ use std::time::{Duration, Instant};
 /// A liveness bound, not a performance expectation.
 const START_LIMIT: Duration = Duration::from_secs(90);
 
+/// The filter under test: `MESHVM_FILTER_WASM` (set by `make test`), else
+/// where `make wasm` puts it in the target directory.
+pub fn filter_wasm() -> PathBuf {
+    let path = std::env::var_os("MESHVM_FILTER_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("meshvm/meshvm_filter.wasm")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: build the filter first with `make wasm` (or run `make test`)",
+        path.display()
+    );
+    path
+}
+
 /// The meshvm filter as an Envoy HTTP filter with `plugin_config` (JSON).
 pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
     json!({

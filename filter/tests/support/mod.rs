@@ -3,25 +3,7 @@
 //! PKI helpers live in the `meshvm-testing` crate.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
-/// The filter under test. `make test` builds it and sets `MESHVM_FILTER_WASM`.
-pub fn filter_wasm() -> PathBuf {
-    let path = std::env::var_os("MESHVM_FILTER_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-            target.join("meshvm/meshvm_filter.wasm")
-        });
-    assert!(
-        path.is_file(),
-        "{} not found: build the filter first with `make wasm` (or run `make test`)",
-        path.display()
-    );
-    path
-}
+pub use meshvm_testing::envoy::filter_wasm;
 
 /// Istio's peer metadata header value for `fields`, encoded independently of
 /// the filter (prost-types + base64), as an Istio sidecar would send it.

@@ -8,8 +8,8 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
-    route_match,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, retry_policy,
+    route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
@@ -17,8 +17,11 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
-use envoy_types::pb::google::protobuf::{Duration as PbDuration, StringValue};
+use envoy_types::pb::google::protobuf::{
+    BoolValue, Duration as PbDuration, StringValue, UInt32Value,
+};
 use envoy_types::util::pack_any;
 
 use super::{EnvoyOptions, InboundPort, ProxyView, inbound_cluster_name, socket_address, tls};
@@ -58,6 +61,7 @@ pub fn inbound(view: &ProxyView, port: &InboundPort, options: &EnvoyOptions) -> 
     Listener {
         name: listener_name(addr),
         address: Some(socket_address(addr)),
+        enable_reuse_port: exclusive_port(),
         traffic_direction: TrafficDirection::Inbound as i32,
         filter_chains: vec![FilterChain {
             filters: vec![filter],
@@ -86,6 +90,7 @@ pub fn outbound(
     Listener {
         name: listener_name(addr),
         address: Some(socket_address(addr)),
+        enable_reuse_port: exclusive_port(),
         traffic_direction: TrafficDirection::Outbound as i32,
         filter_chains: vec![FilterChain {
             filters: vec![filter],
@@ -93,6 +98,33 @@ pub fn outbound(
         }],
         ..Default::default()
     }
+}
+
+/// istiod's default retries on outbound routes: twice, on another host,
+/// when a connection fails or is refused or the upstream answers 503 (an
+/// endpoint that just left, or is not serving yet).
+fn default_retry_policy() -> RetryPolicy {
+    RetryPolicy {
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+            .into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        retriable_status_codes: vec![503],
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                pack_any(PreviousHostsPredicate::default()),
+            )),
+        }],
+        host_selection_retry_max_attempts: 5,
+        ..Default::default()
+    }
+}
+
+/// No `SO_REUSEPORT`: with it, a second Envoy (a stale one, another
+/// proxy's) could bind the same address and silently take a share of the
+/// connections; without it the second bind fails and says so.
+fn exclusive_port() -> Option<BoolValue> {
+    Some(BoolValue { value: false })
 }
 
 fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
@@ -128,6 +160,7 @@ fn http_connection_manager(
                 seconds: 0,
                 nanos: 0,
             }),
+            retry_policy: (direction == Direction::Outbound).then(default_retry_policy),
             ..Default::default()
         })),
         ..Default::default()

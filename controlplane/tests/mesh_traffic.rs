@@ -1,0 +1,528 @@
+//! Mesh traffic through real processes: `meshvm-controlplane serve` with
+//! the meshvm filter, the Pod `product-v1` played by `run-pod` (its own
+//! agent, Envoy and app), and VMs of the `product-vm` group (agent, Envoy,
+//! an echo app in this process). The mesh is testdata/demo with the apps'
+//! ports made free for this run.
+//!
+//! An app on a VM resolves `product.default.svc.cluster.local` through the
+//! agent's DNS proxy (with `dig`), sends requests there with curl, and they
+//! are balanced over the Pod and the VM itself through both Envoys over
+//! mTLS; each app sees the caller's identity. Endpoints follow the mesh
+//! without restarts: a second VM joins and, after its agent stops and the
+//! grace period ends, leaves; a Pod added to the config joins and leaves.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use meshvm_controlplane::echo::EchoApp;
+use meshvm_testing::envoy::{filter_wasm, http_get};
+use meshvm_testing::pki::TestCa;
+use meshvm_testing::process::{Process, cargo_bin, free_port, wait_until};
+use serde_json::Value;
+
+const GRACE: Duration = Duration::from_secs(3);
+const PRODUCT: &str = "product.default.svc.cluster.local";
+const POD_IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/product";
+const VM_IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/product-vm";
+/// Offsets of the outbound blocks from the run's network.
+const VM1_BLOCK: u8 = 100;
+const POD_BLOCK: u8 = 120;
+const VM2_BLOCK: u8 = 140;
+
+fn controlplane() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshvm-controlplane"))
+}
+
+/// The demo mesh in a temporary config dir, with free app ports and
+/// addresses of this run's own (`127.<net>.x.y`), so a run never meets the
+/// Envoys of another.
+struct Mesh {
+    dir: tempfile::TempDir,
+    port: u16,
+    pod_port: u16,
+    vm_port: u16,
+    net: u8,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::create_dir(&config).unwrap();
+        let (pod_port, vm_port) = (free_port(), free_port());
+        let net = (free_port() % 90 + 1) as u8;
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo");
+        for entry in std::fs::read_dir(demo).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .replace("9081", &pod_port.to_string())
+                    .replace("9082", &vm_port.to_string())
+                    .replace("127.0.10.", &format!("127.{net}.10."));
+                std::fs::write(config.join(path.file_name().unwrap()), text).unwrap();
+            }
+        }
+        Self {
+            dir,
+            port: free_port(),
+            pod_port,
+            vm_port,
+            net,
+        }
+    }
+
+    /// `127.<net>.<x>.<y>`.
+    fn ip(&self, x: u8, y: u8) -> IpAddr {
+        IpAddr::from([127, self.net, x, y])
+    }
+
+    /// An outbound block `127.<net + offset>.0.0/16`.
+    fn block(&self, offset: u8) -> String {
+        format!("127.{}.0.0/16", self.net + offset)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn discovery_address(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
+    fn start_controlplane(&self) -> Process {
+        let mut command = controlplane();
+        command
+            .arg("serve")
+            .arg("--ca-dir")
+            .arg(self.path("ca"))
+            .arg("--config-dir")
+            .arg(self.path("config"))
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--grace-period")
+            .arg(format!("{}s", GRACE.as_secs()))
+            .arg("--filter-wasm")
+            .arg(filter_wasm())
+            .env("RUST_LOG", "info");
+        let cp = Process::spawn("meshvm-controlplane", command);
+        cp.wait_for_log("serving the CA and ADS over TLS", 1);
+        cp
+    }
+
+    /// `run-pod product-v1` with its outbound listeners in its own block.
+    fn start_pod(&self, ports: &Ports) -> Process {
+        let mut command = controlplane();
+        command
+            .args(["run-pod", "product-v1", "--config-dir"])
+            .arg(self.path("config"))
+            .arg("--ca-dir")
+            .arg(self.path("ca"))
+            .args(["--discovery-address", &self.discovery_address()])
+            .arg("--work-dir")
+            .arg(self.path("pod"))
+            .args(["--outbound-addresses", &self.block(POD_BLOCK)])
+            .arg("--agent")
+            .arg(cargo_bin("meshvm-agent"))
+            .arg("--")
+            .args(ports.agent_args())
+            .env("RUST_LOG", "info");
+        Process::spawn("run-pod", command)
+    }
+
+    /// A VM of the product-vm group at `ip`, its app at `app` on the
+    /// group's port, its outbound listeners in `block`.
+    fn start_vm(&self, name: &str, ip: IpAddr, app: IpAddr, block: u8, ports: &Ports) -> Vm {
+        let onboarding = self.path(&format!("{name}/onboarding"));
+        let out = controlplane()
+            .args(["onboard", "-f"])
+            .arg(self.path("config/product-vm.yaml"))
+            .arg("-o")
+            .arg(&onboarding)
+            .arg("--ca-dir")
+            .arg(self.path("ca"))
+            .args(["--internal-ip", &ip.to_string(), "--autoregister"])
+            .args(["--discovery-address", &self.discovery_address()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let app = EchoApp::spawn(&SocketAddr::new(app, self.vm_port).to_string(), name).unwrap();
+        let mut command = Command::new(cargo_bin("meshvm-agent"));
+        command
+            .arg("--onboarding-dir")
+            .arg(&onboarding)
+            .arg("run")
+            .arg("--state-dir")
+            .arg(self.path(&format!("{name}/certs")))
+            .arg("--run-dir")
+            .arg(self.path(&format!("{name}/run")))
+            .arg("--sds-socket")
+            .arg(self.path(&format!("{name}/run/sds.sock")))
+            .args(ports.agent_args())
+            .env("ISTIO_META_MESHVM_APP_ADDRESS", app.addr().ip().to_string())
+            .env("ISTIO_META_MESHVM_OUTBOUND_ADDRESSES", self.block(block))
+            .env("RUST_LOG", "info");
+        Vm {
+            agent: Process::spawn(name, command),
+            app,
+            ports: ports.clone(),
+        }
+    }
+}
+
+/// The ports a sidecar's agent is given: admin and DNS fixed (the test
+/// talks to them), the rest ephemeral.
+#[derive(Clone)]
+struct Ports {
+    admin: u16,
+    dns: u16,
+}
+
+impl Ports {
+    fn new() -> Self {
+        Self {
+            admin: free_port(),
+            dns: free_port(),
+        }
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        [
+            "--envoy-admin-port",
+            &self.admin.to_string(),
+            "--envoy-status-port",
+            "0",
+            "--envoy-prometheus-port",
+            "0",
+            "--status-listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            &format!("127.0.0.1:{}", self.dns),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The healthy endpoints of `cluster` in this sidecar's Envoy.
+    fn endpoints(&self, cluster: &str) -> Vec<String> {
+        let admin = SocketAddr::from(([127, 0, 0, 1], self.admin));
+        let Ok((200, body)) = http_get(admin, "/clusters") else {
+            return Vec::new();
+        };
+        let mut endpoints: Vec<String> = body
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(cluster)?.strip_prefix("::")?;
+                let (addr, flag) = rest.split_once("::health_flags::")?;
+                (flag == "healthy").then(|| addr.to_string())
+            })
+            .collect();
+        endpoints.sort();
+        endpoints
+    }
+}
+
+struct Vm {
+    agent: Process,
+    app: EchoApp,
+    ports: Ports,
+}
+
+/// `dig +short` against a sidecar's DNS proxy.
+fn dig(ports: &Ports, name: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args([
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "-p",
+            &ports.dns.to_string(),
+        ])
+        .arg("@127.0.0.1")
+        .arg(name)
+        .output()
+        .expect("dig must be installed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// What an echo app answered: its name and the headers it saw.
+struct Answer {
+    app: String,
+    headers: BTreeMap<String, String>,
+}
+
+/// curl `http://<host>:<port><path>` with the name resolved to `addr`
+/// (`--resolve`, as the app's resolver would), extra `headers`.
+fn get(host: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    try_get(host, addr, path, headers).unwrap_or_else(|error| panic!("{error}"))
+}
+
+fn try_get(
+    host: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, String> {
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--fail", "--max-time", "10", "--resolve"])
+        .arg(format!("{host}:{}:{}", addr.port(), addr.ip()));
+    for (k, v) in headers {
+        command.arg("-H").arg(format!("{k}: {v}"));
+    }
+    let out = command
+        .arg(format!("http://{host}:{}{path}", addr.port()))
+        .output()
+        .expect("curl must be installed");
+    if !out.status.success() {
+        return Err(format!(
+            "curl {host} via {addr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let headers = body["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_str().unwrap().to_string(),
+                pair[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    Ok(Answer {
+        app: body["app"].as_str().unwrap().to_string(),
+        headers,
+    })
+}
+
+/// How many of `n` requests each app answered.
+fn spread(addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let answer = get(PRODUCT, addr, &format!("/spread/{i}"), &[]);
+        *seen.entry(answer.app).or_default() += 1;
+    }
+    seen
+}
+
+fn logs(processes: &[&Process]) -> String {
+    processes
+        .iter()
+        .map(|p| p.log())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+#[test]
+fn services_balance_over_pods_and_vms_with_mtls_identities_and_follow_the_mesh() {
+    let mesh = Mesh::new();
+    let mut cp = mesh.start_controlplane();
+    let pod_ports = Ports::new();
+    let mut pod = mesh.start_pod(&pod_ports);
+    let mut vm1 = mesh.start_vm(
+        "vm-1",
+        mesh.ip(20, 1),
+        mesh.ip(21, 1),
+        VM1_BLOCK,
+        &Ports::new(),
+    );
+
+    let pod_endpoint = format!("{}:{}", mesh.ip(10, 1), mesh.pod_port);
+    let vm1_endpoint = format!("{}:{}", mesh.ip(20, 1), mesh.vm_port);
+    let product_cluster = format!("outbound|9080||{PRODUCT}");
+    let vm_cluster = "outbound|9080||product-vm.default.svc.cluster.local";
+    let context = || logs(&[&cp, &pod, &vm1.agent]);
+    wait_until("the VM's Envoy has both product endpoints", context, || {
+        vm1.ports.endpoints(&product_cluster) == [pod_endpoint.clone(), vm1_endpoint.clone()]
+    });
+    wait_until("the Pod's Envoy has the VM's Service", context, || {
+        pod_ports.endpoints(vm_cluster) == [vm1_endpoint.clone()]
+    });
+
+    // The app on the VM resolves the Service through the agent's DNS proxy:
+    // the Service's loopback address, where its Envoy listens.
+    let vm1_block = mesh.net + VM1_BLOCK;
+    let resolved = dig(&vm1.ports, PRODUCT);
+    assert_eq!(
+        resolved,
+        [format!("127.{vm1_block}.88.12")],
+        "{}",
+        context()
+    );
+    let product: SocketAddr = format!("{}:9080", resolved[0]).parse().unwrap();
+    assert_eq!(
+        dig(&vm1.ports, "product-vm.default.svc.cluster.local"),
+        [format!("127.{vm1_block}.88.20")]
+    );
+
+    // Both sidecars serve once their inbound listeners have their
+    // certificates (an endpoint can be pushed before its Envoy is ready).
+    wait_until("both backends answer", context, || {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            if let Ok(answer) = try_get(PRODUCT, product, "/", &[]) {
+                seen.insert(answer.app);
+            }
+        }
+        seen.len() == 2
+    });
+
+    // Balanced over the Pod and the VM itself, each seeing the VM's identity
+    // (the filter on the VM's outbound side sends its metadata, the one on
+    // the receiving side checks the mTLS peer and labels the request).
+    let seen = spread(product, 20);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen["product-v1"] >= 3 && seen["vm-1"] >= 3, "{seen:?}");
+    let spoofed = [(
+        "x-mesh-peer-identity",
+        "spiffe://cluster.local/ns/default/sa/admin",
+    )];
+    for _ in 0..4 {
+        let answer = get(PRODUCT, product, "/whoami", &spoofed);
+        assert_eq!(
+            answer.headers["x-mesh-peer-identity"], VM_IDENTITY,
+            "{}",
+            answer.app
+        );
+        assert_eq!(answer.headers["x-mesh-peer-workload"], "product-vm");
+        assert_eq!(answer.headers["x-mesh-peer-service-account"], "product-vm");
+        assert_eq!(answer.headers["x-mesh-peer-version"], "v2");
+    }
+
+    // The Pod calls the VM's Service through its own Envoy and reaches the
+    // VM's app with the Pod's identity.
+    let answer = get(
+        "product-vm.default.svc.cluster.local",
+        format!("127.{}.88.20:9080", mesh.net + POD_BLOCK)
+            .parse()
+            .unwrap(),
+        "/from-the-pod",
+        &spoofed,
+    );
+    assert_eq!(answer.app, "vm-1");
+    let seen_by_vm = vm1.app.last_request().unwrap();
+    assert_eq!(seen_by_vm.path, "/from-the-pod");
+    assert_eq!(
+        seen_by_vm.header_all("x-mesh-peer-identity"),
+        [POD_IDENTITY]
+    );
+    assert_eq!(
+        seen_by_vm.header("x-mesh-peer-workload"),
+        Some("product-v1")
+    );
+    assert_eq!(seen_by_vm.header("x-mesh-peer-version"), Some("v1"));
+
+    // Callers without a mesh certificate are refused at the VM's inbound
+    // listener: none, or one from another CA.
+    let requests_before = vm1.app.requests().len();
+    let inbound = format!("https://{vm1_endpoint}/");
+    let plain = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "10", &inbound])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "no client certificate was accepted"
+    );
+    std::fs::create_dir_all(mesh.path("stranger")).unwrap();
+    let stranger = TestCa::new(&mesh.path("stranger"), "stranger");
+    let cert = stranger.issue(
+        "intruder",
+        &["spiffe://cluster.local/ns/default/sa/product"],
+    );
+    let foreign = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "10", "--cert"])
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .arg(&inbound)
+        .output()
+        .unwrap();
+    assert!(
+        !foreign.status.success(),
+        "a foreign certificate was accepted"
+    );
+    let cleartext = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{vm1_endpoint}/"))
+        .output()
+        .unwrap();
+    assert!(!cleartext.status.success(), "cleartext was accepted");
+    assert_eq!(vm1.app.requests().len(), requests_before);
+
+    // A second VM joins: its entry becomes an endpoint of both Services,
+    // pushed to the running Envoys.
+    let mut vm2 = mesh.start_vm(
+        "vm-2",
+        mesh.ip(20, 2),
+        mesh.ip(21, 2),
+        VM2_BLOCK,
+        &Ports::new(),
+    );
+    let vm2_endpoint = format!("{}:{}", mesh.ip(20, 2), mesh.vm_port);
+    let context = || logs(&[&cp, &vm1.agent, &vm2.agent]);
+    wait_until("the second VM is an endpoint", context, || {
+        vm1.ports.endpoints(&product_cluster)
+            == [
+                pod_endpoint.clone(),
+                vm1_endpoint.clone(),
+                vm2_endpoint.clone(),
+            ]
+    });
+    wait_until("the second VM's Envoy serves", context, || {
+        (0..6).any(|_| try_get(PRODUCT, product, "/", &[]).is_ok_and(|a| a.app == "vm-2"))
+    });
+
+    // ... and leaves: its agent stops, the grace period ends, the entry and
+    // the endpoint go.
+    assert!(vm2.agent.terminate(), "{}", vm2.agent.log());
+    let context = || logs(&[&cp, &vm1.agent]);
+    wait_until("the second VM has left", context, || {
+        vm1.ports.endpoints(&product_cluster) == [pod_endpoint.clone(), vm1_endpoint.clone()]
+    });
+    let seen = spread(product, 10);
+    assert!(!seen.contains_key("vm-2"), "{seen:?}");
+
+    // A Pod added to the config joins; removed, it leaves.
+    let extra = mesh.path("config/extra-pod.yaml");
+    std::fs::write(
+        &extra,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: product-v3, namespace: default, labels: {{app: product}}}}\n\
+             spec: {{serviceAccountName: product, containers: [{{name: app, ports: [{{name: http, containerPort: {}}}]}}]}}\n\
+             status: {{podIP: {}}}\n",
+            mesh.pod_port,
+            mesh.ip(10, 3)
+        ),
+    )
+    .unwrap();
+    let extra_endpoint = format!("{}:{}", mesh.ip(10, 3), mesh.pod_port);
+    wait_until("the added Pod is an endpoint", context, || {
+        vm1.ports
+            .endpoints(&product_cluster)
+            .contains(&extra_endpoint)
+    });
+    std::fs::remove_file(&extra).unwrap();
+    wait_until("the removed Pod has left", context, || {
+        vm1.ports.endpoints(&product_cluster) == [pod_endpoint.clone(), vm1_endpoint.clone()]
+    });
+
+    assert!(vm1.agent.terminate(), "{}", vm1.agent.log());
+    assert!(pod.terminate(), "{}", pod.log());
+    assert!(cp.terminate(), "{}", cp.log());
+}

@@ -15,7 +15,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm test test-native test-wasm-unit lint demo bench-filter bench-identity bench-join bench-dns clean
+.PHONY: all build wasm test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns clean
 
 all: build
 
@@ -47,8 +47,15 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p meshvm-filter --target wasm32-wasip1 -- -D warnings
 
-## demo: Envoy with the filter in front of an echo app; a request before and after labeling.
+## demo: a control plane, a Pod and a VM (agent, Envoy, app) on this host: the VM
+## registers, resolves and calls the product Service (balanced over the Pod and
+## itself, mTLS, identities), then leaves.
 demo: wasm
+	$(CARGO) build -p meshvm-controlplane -p meshvm-agent
+	MESHVM_BIN_DIR=$(TARGET_DIR)/debug scripts/demo.sh
+
+## demo-filter: only the filter: two static Envoys, a request before and after labeling.
+demo-filter: wasm
 	$(CARGO) build -p meshvm-controlplane
 	MESHVM_BIN_DIR=$(TARGET_DIR)/debug scripts/demo-filter.sh
 

@@ -118,6 +118,7 @@ pub async fn run(
     let status_address = status_listener.local_addr()?;
 
     // 3. DNS.
+    let mut dns_metrics = None;
     let dns_task = if dns_on {
         let mut dns = DnsOptions::new(config.namespace.clone());
         dns.listen = options.dns_listen;
@@ -126,7 +127,10 @@ pub async fn run(
         // a port already taken is an error in the log, not the end of the
         // agent.
         match DnsServer::bind(dns, proxy.name_tables()).await {
-            Ok(server) => Some(tokio::spawn(server.serve(stopped(&servers_stopped)))),
+            Ok(server) => {
+                dns_metrics = Some(server.metrics());
+                Some(tokio::spawn(server.serve(stopped(&servers_stopped))))
+            }
             Err(error) => {
                 tracing::error!(%error, "DNS proxy not started; mesh names will not resolve");
                 None
@@ -164,6 +168,7 @@ pub async fn run(
         name_table: proxy.name_tables(),
         envoy: supervisor.as_ref().map(Supervisor::subscribe),
         dns: config.dns_capture,
+        dns_metrics,
     };
     let status_task = tokio::spawn(status::serve(
         status_listener,

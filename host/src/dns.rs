@@ -9,12 +9,15 @@
 //!   handling (§5.5), truncation.
 //! - [`forward`]: the upstream nameservers.
 //! - [`resolv_conf`]: nameservers and search domains of resolv.conf.
+//! - [`metrics`]: counters and the upstream latency histogram, for the
+//!   agent's `/metrics`.
 //!
 //! The last table is saved in the agent's state directory and loaded at
 //! start, so mesh names keep resolving after a restart while the control
 //! plane is unreachable.
 
 pub mod forward;
+pub mod metrics;
 pub mod resolv_conf;
 pub mod server;
 pub mod table;
@@ -33,6 +36,7 @@ use prost::Message as _;
 use tokio::net::{TcpListener, UdpSocket};
 
 pub use forward::{Forwarder, Protocol};
+pub use metrics::{DnsMetrics, DnsMetricsSnapshot};
 pub use resolv_conf::ResolvConf;
 pub use server::{ListenOptions, TTL};
 pub use table::{LookupTable, TableContext};
@@ -85,70 +89,6 @@ impl DnsOptions {
             forward_before_table: false,
             listen_options: ListenOptions::default(),
             saved_table: None,
-        }
-    }
-}
-
-/// Counters for `/metrics`: plain atomics, read with [`DnsMetrics::snapshot`].
-#[derive(Debug, Default)]
-pub struct DnsMetrics {
-    /// Every message received.
-    pub queries: AtomicU64,
-    /// Answered from the table (including empty NOERROR).
-    pub answered: AtomicU64,
-    /// Relayed from an upstream.
-    pub forwarded: AtomicU64,
-    /// Every upstream failed (counted in `servfail` too).
-    pub forward_failed: AtomicU64,
-    /// SERVFAIL sent (no question, no table yet, upstreams failed).
-    pub servfail: AtomicU64,
-    /// Unparseable queries (FORMERR sent).
-    pub formerr: AtomicU64,
-    /// Other error answers (NOTIMP for opcodes other than QUERY).
-    pub other_errors: AtomicU64,
-    /// Not answered: too short for a header, not a query, or too many UDP
-    /// queries in flight.
-    pub dropped: AtomicU64,
-    /// Table answers truncated (TC set).
-    pub truncated: AtomicU64,
-    /// Hosts and names of the current table.
-    pub table_hosts: AtomicU64,
-    pub table_names: AtomicU64,
-}
-
-/// A copy of [`DnsMetrics`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DnsMetricsSnapshot {
-    pub queries: u64,
-    pub answered: u64,
-    pub forwarded: u64,
-    pub forward_failed: u64,
-    pub servfail: u64,
-    pub formerr: u64,
-    pub other_errors: u64,
-    pub dropped: u64,
-    pub truncated: u64,
-    pub table_hosts: u64,
-    pub table_names: u64,
-}
-
-impl DnsMetrics {
-    /// Every counter, read once (each is exact; together they are not one
-    /// atomic instant).
-    pub fn snapshot(&self) -> DnsMetricsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        DnsMetricsSnapshot {
-            queries: get(&self.queries),
-            answered: get(&self.answered),
-            forwarded: get(&self.forwarded),
-            forward_failed: get(&self.forward_failed),
-            servfail: get(&self.servfail),
-            formerr: get(&self.formerr),
-            other_errors: get(&self.other_errors),
-            dropped: get(&self.dropped),
-            truncated: get(&self.truncated),
-            table_hosts: get(&self.table_hosts),
-            table_names: get(&self.table_names),
         }
     }
 }

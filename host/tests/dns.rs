@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshvm_agent::dns::{DnsOptions, DnsServer};
-use meshvm_agent::xds::NameTableReceiver;
+use meshvm_agent::status::{self, StatusSources};
+use meshvm_agent::xds::{NameTableReceiver, XdsStatus};
 use meshvm_proto::istio::networking::nds::v1::NameTable;
 use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
 use meshvm_testing::process::{Process, free_port, wait_until};
@@ -154,6 +155,8 @@ fn mesh_table() -> NameTable {
 /// A running proxy: its address, the NameTable sender, and a stop switch.
 struct Proxy {
     addr: SocketAddr,
+    /// The agent's status server with this proxy's counters on `/metrics`.
+    status: SocketAddr,
     tables: watch::Sender<Option<Arc<NameTable>>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -167,14 +170,37 @@ impl Proxy {
         }
         options.resolv_conf = resolv;
         let (tables, rx): (_, NameTableReceiver) = watch::channel(table.map(Arc::new));
-        let server = DnsServer::bind(options, rx).await.expect("the proxy binds");
+        let server = DnsServer::bind(options, rx.clone())
+            .await
+            .expect("the proxy binds");
         let addr = server.local_addr();
+        let sources = StatusSources {
+            identity: watch::channel(None).1,
+            xds: watch::channel(XdsStatus::default()).1,
+            name_table: rx,
+            envoy: None,
+            dns: true,
+            dns_metrics: Some(server.metrics()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let status = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server.serve(async {
-            let _ = stopped.await;
+        let (stop_status, status_stopped) = oneshot::channel::<()>();
+        let status_task = tokio::spawn(status::serve(listener, sources, async {
+            let _ = status_stopped.await;
         }));
+        let task = tokio::spawn(async move {
+            server
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            let _ = stop_status.send(());
+            status_task.await.unwrap().unwrap();
+        });
         Self {
             addr,
+            status,
             tables,
             stop: Some(stop),
             task,
@@ -185,6 +211,25 @@ impl Proxy {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap();
     }
+}
+
+/// `/metrics` of the proxy's status server: each sample line as
+/// `series → value`.
+async fn scrape(proxy: &Proxy) -> std::collections::BTreeMap<String, f64> {
+    let addr = proxy.status;
+    let (code, body) =
+        tokio::task::spawn_blocking(move || meshvm_testing::envoy::http_get(addr, "/metrics"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(code, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (series, value) = l.split_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
 }
 
 fn options() -> DnsOptions {
@@ -482,4 +527,102 @@ async fn a_dead_upstream_is_skipped_sequentially_and_outrun_in_parallel() {
         }
         proxy.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_each_outcome_and_time_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dnsmasq, upstream) = dnsmasq(dir.path(), "198.51.100.2 www.example.org\n");
+    let mut options = options();
+    options.upstreams = vec![upstream];
+    let proxy = Proxy::start(options, dir.path(), None).await;
+    let outcome = |o: &str| format!("meshvm_agent_dns_queries_total{{outcome=\"{o}\"}}");
+    let upstream_count = "meshvm_agent_dns_upstream_duration_seconds_count";
+    // What changed between two scrapes, for the series that did.
+    let moved = |before: &std::collections::BTreeMap<String, f64>,
+                 after: &std::collections::BTreeMap<String, f64>| {
+        let mut changes: Vec<(String, f64)> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+            .filter(|(k, _)| !k.contains("_bucket") && !k.ends_with("_sum"))
+            .collect();
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        changes
+    };
+    let count = |k: &str, d: f64| vec![(k.to_string(), d)];
+
+    // No table yet: SERVFAIL, nothing forwarded.
+    let m0 = scrape(&proxy).await;
+    assert_eq!(m0[&outcome("servfail")], 0.0);
+    assert_eq!(m0["meshvm_agent_dns_table_names"], 0.0);
+    let d = dig_async(proxy.addr, "ratings.vm-ns", "A", &[]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    let m1 = scrape(&proxy).await;
+    assert_eq!(moved(&m0, &m1), count(&outcome("servfail"), 1.0));
+
+    // The table arrives: its size, then a table answer.
+    proxy.tables.send_replace(Some(Arc::new(mesh_table())));
+    let addr = proxy.addr;
+    tokio::task::spawn_blocking(move || {
+        wait_until("the first table is used", String::new, || {
+            dig(addr, "ratings.vm-ns", "A", &[]).status == "NOERROR"
+        })
+    })
+    .await
+    .unwrap();
+    let m2 = scrape(&proxy).await;
+    // 4 hosts; 9 names (4 + 3 for the Kubernetes services, 1 each for the
+    // others) and their 9 CNAMEs in the first search domain.
+    assert_eq!(m2["meshvm_agent_dns_table_hosts"], 4.0);
+    assert_eq!(m2["meshvm_agent_dns_table_names"], 18.0);
+    let d = dig_async(proxy.addr, "ratings.vm-ns.ec2.internal", "A", &[]).await;
+    assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
+    let m3 = scrape(&proxy).await;
+    assert_eq!(moved(&m2, &m3), count(&outcome("table"), 1.0));
+
+    // Forwarded: an upstream answer, and an upstream NXDOMAIN; both timed.
+    let d = dig_async(proxy.addr, "www.example.org", "A", &[]).await;
+    assert_eq!(d.data("A"), ["198.51.100.2"], "{}", d.output);
+    let m4 = scrape(&proxy).await;
+    assert_eq!(
+        moved(&m3, &m4),
+        [
+            (outcome("forwarded"), 1.0),
+            (upstream_count.to_string(), 1.0)
+        ]
+    );
+    let d = dig_async(proxy.addr, "nowhere.example.org", "A", &["+tcp"]).await;
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+    let m5 = scrape(&proxy).await;
+    assert_eq!(
+        moved(&m4, &m5),
+        [
+            (outcome("nxdomain"), 1.0),
+            (upstream_count.to_string(), 1.0)
+        ]
+    );
+    let histogram = "meshvm_agent_dns_upstream_duration_seconds";
+    assert_eq!(m5[&format!("{histogram}_bucket{{le=\"+Inf\"}}")], 2.0);
+    assert_eq!(m5[&format!("{histogram}_bucket{{le=\"10\"}}")], 2.0);
+    assert!(m5[&format!("{histogram}_sum")] > 0.0);
+
+    // Malformed: a header promising a question that is cut short.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(
+            &[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w'],
+            proxy.addr,
+        )
+        .await
+        .unwrap();
+    let mut reply = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(30), socket.recv(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((n >= 12, reply[3] & 0x0f), (true, 1), "FORMERR");
+    let m6 = scrape(&proxy).await;
+    assert_eq!(moved(&m5, &m6), count(&outcome("malformed"), 1.0));
+    proxy.stop().await;
 }

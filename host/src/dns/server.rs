@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -24,6 +24,8 @@ pub const TTL: u32 = 30;
 const MIN_UDP: usize = 512;
 /// The EDNS0 buffer size the proxy advertises in its own answers.
 const OUR_EDNS_SIZE: u16 = 1232;
+/// RCODE 3, in the low bits of a header's fourth byte.
+const NXDOMAIN: u8 = 3;
 
 /// Everything a query is answered from; shared by the UDP and TCP loops.
 pub(crate) struct Resolver {
@@ -148,9 +150,20 @@ impl Resolver {
         message: &Message,
         protocol: Protocol,
     ) -> Option<Vec<u8>> {
-        match self.forwarder.forward(request, protocol).await {
+        let started = Instant::now();
+        let reply = self.forwarder.forward(request, protocol).await;
+        if !self.forwarder.servers.is_empty() {
+            self.metrics.upstream_latency.observe(started.elapsed());
+        }
+        match reply {
             Some(reply) => {
-                self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+                // The header's RCODE (the forwarder returns whole headers).
+                let counter = if reply[3] & 0x0f == NXDOMAIN {
+                    &self.metrics.nxdomain
+                } else {
+                    &self.metrics.forwarded
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 Some(reply)
             }
             None => {
@@ -559,6 +572,108 @@ mod tests {
             );
         }
         assert_eq!(r.metrics.snapshot().forward_failed, 3);
+    }
+
+    /// A UDP upstream answering NXDOMAIN for names under `nowhere.`,
+    /// NOERROR (no records) for the rest.
+    async fn fake_upstream() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, peer) = socket.recv_from(&mut buf).await.unwrap();
+                let query = Message::from_vec(&buf[..n]).unwrap();
+                let nowhere = query.queries[0].name().to_ascii().ends_with("nowhere.");
+                let code = if nowhere {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                };
+                let reply = error(&query, code).to_vec().unwrap();
+                socket.send_to(&reply, peer).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn each_query_has_one_outcome() {
+        let mut r = standard();
+        r.forwarder.servers = vec![fake_upstream().await];
+        let code = |reply: Message| reply.metadata.response_code;
+        let a = |name| query(name, RecordType::A, None);
+        assert_eq!(
+            code(ask(&r, &a("db.example.com."), Protocol::Udp).await),
+            ResponseCode::NoError
+        );
+        assert_eq!(
+            code(ask(&r, &a("www.example.org."), Protocol::Udp).await),
+            ResponseCode::NoError
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                code(ask(&r, &a("x.nowhere."), Protocol::Udp).await),
+                ResponseCode::NXDomain
+            );
+        }
+        let mut truncated = a("db.example.com.");
+        truncated.truncate(14);
+        assert_eq!(
+            code(ask(&r, &truncated, Protocol::Udp).await),
+            ResponseCode::FormErr
+        );
+        let mut notify = a("db.example.com.");
+        notify[2] = (notify[2] & 0x87) | (4 << 3);
+        assert_eq!(
+            code(ask(&r, &notify, Protocol::Udp).await),
+            ResponseCode::NotImp
+        );
+        assert!(r.handle(&[0; 5], Protocol::Udp).await.is_none());
+        let mut empty = Message::query();
+        empty.metadata.id = 9;
+        assert_eq!(
+            code(ask(&r, &empty.to_vec().unwrap(), Protocol::Udp).await),
+            ResponseCode::ServFail
+        );
+
+        let m = r.metrics.snapshot();
+        assert_eq!(
+            (
+                m.answered,
+                m.forwarded,
+                m.nxdomain,
+                m.formerr,
+                m.other_errors,
+                m.dropped,
+                m.servfail
+            ),
+            (1, 1, 2, 1, 1, 1, 1)
+        );
+        let outcomes = m.answered
+            + m.forwarded
+            + m.nxdomain
+            + m.servfail
+            + m.formerr
+            + m.other_errors
+            + m.dropped;
+        assert_eq!(outcomes, m.queries);
+        // Only the three forwarded queries were timed.
+        assert_eq!(m.upstream_latency.count, 3);
+        assert!(m.upstream_latency.sum_seconds > 0.0);
+        assert_eq!(m.forward_failed, 0);
+
+        // Without upstreams: SERVFAIL, and nothing timed.
+        let r = standard();
+        assert_eq!(
+            code(ask(&r, &a("www.example.org."), Protocol::Udp).await),
+            ResponseCode::ServFail
+        );
+        let m = r.metrics.snapshot();
+        assert_eq!(
+            (m.servfail, m.forward_failed, m.upstream_latency.count),
+            (1, 1, 0)
+        );
     }
 
     #[tokio::test]

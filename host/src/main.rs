@@ -81,8 +81,9 @@ enum Command {
         /// status port) and /metrics.
         #[arg(long, value_name = "ADDR", default_value_t = status::DEFAULT_STATUS_ADDRESS)]
         status_listen: std::net::SocketAddr,
-        /// The DNS proxy's address, UDP and TCP; it runs when cluster.env
-        /// sets ISTIO_META_DNS_CAPTURE=true, or with --dns.
+        /// The DNS proxy's address, UDP and TCP (IPv4 or IPv6, e.g.
+        /// `[::1]:15053`); it runs when cluster.env sets
+        /// ISTIO_META_DNS_CAPTURE=true, or with --dns.
         #[arg(long, value_name = "ADDR", default_value = meshvm_agent::dns::DEFAULT_LISTEN)]
         dns_listen: std::net::SocketAddr,
         /// Run the DNS proxy even without ISTIO_META_DNS_CAPTURE.

@@ -1,7 +1,7 @@
 //! The DNS proxy against real clients and a real upstream: `dig` asks the
 //! in-process server; dnsmasq on loopback plays the VM's nameserver.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -240,6 +240,11 @@ fn options() -> DnsOptions {
 
 /// dnsmasq serving `hosts` on 127.0.0.1:`port` (UDP and TCP), no recursion.
 fn dnsmasq(dir: &Path, hosts: &str) -> (Process, SocketAddr) {
+    dnsmasq_on(dir, hosts, "127.0.0.1".parse().unwrap())
+}
+
+/// dnsmasq serving `hosts` on `ip`:`port` (UDP and TCP), no recursion.
+fn dnsmasq_on(dir: &Path, hosts: &str, ip: IpAddr) -> (Process, SocketAddr) {
     let file = dir.join("upstream-hosts");
     std::fs::write(&file, hosts).unwrap();
     // dnsmasq started as root drops to `nobody`, who must read the file.
@@ -256,14 +261,14 @@ fn dnsmasq(dir: &Path, hosts: &str) -> (Process, SocketAddr) {
         "--local=/example.org/",
         &format!("--addn-hosts={}", file.display()),
         &format!("--port={port}"),
-        "--listen-address=127.0.0.1",
+        &format!("--listen-address={ip}"),
         "--bind-interfaces",
         "--keep-in-foreground",
         "--log-facility=-",
         &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
     ]);
     let process = Process::spawn("dnsmasq", command);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = SocketAddr::new(ip, port);
     wait_until(
         "dnsmasq answers",
         || process.log(),
@@ -624,5 +629,50 @@ async fn metrics_count_each_outcome_and_time_the_upstream() {
     assert_eq!((n >= 12, reply[3] & 0x0f), (true, 1), "FORMERR");
     let m6 = scrape(&proxy).await;
     assert_eq!(moved(&m5, &m6), count(&outcome("malformed"), 1.0));
+    proxy.stop().await;
+}
+
+/// Whether `::1` is usable; if not, says why (the IPv6 test is then
+/// skipped: some containers have no IPv6 loopback).
+fn ipv6_loopback() -> bool {
+    match std::net::UdpSocket::bind("[::1]:0") {
+        Ok(_) => true,
+        Err(error) => {
+            eprintln!("skipped: no IPv6 loopback (cannot bind [::1]: {error})");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listens_and_forwards_over_ipv6() {
+    if !ipv6_loopback() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_dnsmasq, upstream) = dnsmasq_on(
+        dir.path(),
+        "198.51.100.2 www.example.org\n2001:db8::2 www.example.org\n",
+        "::1".parse().unwrap(),
+    );
+    let mut options = options();
+    options.listen = "[::1]:0".parse().unwrap();
+    options.upstreams = vec![upstream];
+    let proxy = Proxy::start(options, dir.path(), Some(mesh_table())).await;
+    assert_eq!(proxy.addr.ip().to_string(), "::1");
+    for transport in ["+notcp", "+tcp"] {
+        // From the table: A and AAAA.
+        let d = dig_async(proxy.addr, "ratings.vm-ns", "A", &[transport]).await;
+        assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
+        assert!(d.output.contains("SERVER: ::1#"), "{}", d.output);
+        let d = dig_async(proxy.addr, "reviews.other.svc", "AAAA", &[transport]).await;
+        assert_eq!(d.data("AAAA"), ["fd00::11"], "{}", d.output);
+        assert!(d.flags.contains(&"aa".into()), "{}", d.output);
+        assert_eq!(d.ttls, [30], "{}", d.output);
+        // Forwarded to an IPv6 upstream, relayed as is (dnsmasq's TTL 0).
+        let d = dig_async(proxy.addr, "www.example.org", "AAAA", &[transport]).await;
+        assert_eq!(d.data("AAAA"), ["2001:db8::2"], "{}", d.output);
+        assert_eq!(d.ttls, [0], "{}", d.output);
+    }
     proxy.stop().await;
 }

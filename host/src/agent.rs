@@ -121,6 +121,7 @@ pub async fn run(
     let mut dns_metrics = None;
     let dns_task = if dns_on {
         let mut dns = DnsOptions::new(config.namespace.clone());
+        dns.domain = config.cluster_domain.clone();
         dns.listen = options.dns_listen;
         dns.saved_table = Some(options.state_dir.join(crate::dns::SAVED_TABLE_FILE));
         // Without DNS the VM still has its identity and its mesh traffic:

@@ -42,6 +42,9 @@ pub use token::{Claims, IstioToken};
 pub const DEFAULT_DISCOVERY_ADDRESS: &str = "istiod.istio-system.svc:15012";
 /// The trust domain used when `TRUST_DOMAIN` is unset or empty.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The Kubernetes cluster domain used when `CLUSTER_DOMAIN` is unset or
+/// empty (Istio's `constants.DefaultClusterLocalDomain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 /// Envoy's node cluster when `ISTIO_SERVICE` is unset.
 pub const DEFAULT_SERVICE_CLUSTER: &str = "istio-proxy";
 /// The audience istiod's TokenReview expects by default.
@@ -176,6 +179,11 @@ pub struct Config {
     pub service_account: String,
     /// `TRUST_DOMAIN`; unset or empty means `cluster.local`.
     pub trust_domain: String,
+    /// `CLUSTER_DOMAIN`, else `cluster.local`: the Kubernetes cluster
+    /// domain. Services are `<name>.<ns>.svc.<domain>` (the DNS proxy gives
+    /// them their short names) and Envoy's node id ends in
+    /// `<ns>.svc.<domain>` (Istio's agent `--domain`).
+    pub cluster_domain: String,
     /// `ISTIO_META_WORKLOAD_NAME`: the WorkloadGroup's name.
     pub workload_name: Option<String>,
     /// `POD_NAME` (the start script defaults it to the short hostname).
@@ -243,6 +251,7 @@ const CONSUMED: &[&str] = &[
     "ISTIO_NAMESPACE",
     "SERVICE_ACCOUNT",
     "TRUST_DOMAIN",
+    "CLUSTER_DOMAIN",
     "POD_NAME",
     "INSTANCE_IP",
     "ISTIO_SVC_IP",
@@ -355,6 +364,13 @@ impl Config {
             Some(td) => td.to_string(),
         };
 
+        let cluster_domain = match vars.non_empty("CLUSTER_DOMAIN") {
+            None => DEFAULT_CLUSTER_DOMAIN.to_string(),
+            Some(text) => {
+                parse_cluster_domain(text).map_err(|p| vars.invalid("CLUSTER_DOMAIN", p))?
+            }
+        };
+
         let instance_ip = ["INSTANCE_IP", "ISTIO_SVC_IP"]
             .into_iter()
             .find(|key| vars.non_empty(key).is_some())
@@ -452,6 +468,7 @@ impl Config {
             namespace,
             service_account,
             trust_domain,
+            cluster_domain,
             workload_name: vars.non_empty("ISTIO_META_WORKLOAD_NAME").map(String::from),
             pod_name: vars.non_empty("POD_NAME").map(String::from),
             instance_ip,
@@ -629,6 +646,27 @@ fn file_origin(path: &Path, line: Option<usize>) -> Origin {
         path: path.to_path_buf(),
         line,
     }
+}
+
+/// A cluster domain (`cluster.local`, `corp.example`): DNS labels of
+/// lower-case letters, digits and `-`; a final dot is dropped.
+pub fn parse_cluster_domain(text: &str) -> Result<String, String> {
+    let domain = text.trim().strip_suffix('.').unwrap_or(text.trim());
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if domain.len() > 253 || !domain.split('.').all(label_ok) {
+        return Err(format!(
+            "`{text}` is not a domain (labels of lower-case letters, digits and `-`, \
+             separated by dots, like `cluster.local`)"
+        ));
+    }
+    Ok(domain.to_string())
 }
 
 /// `host:port` or `[v6]:port`, port 1–65535.
@@ -1141,6 +1179,33 @@ mod tests {
             shown(Config::load(&paths, &BTreeMap::new()).unwrap_err()),
             "/cluster.env:1: not UTF-8 text"
         );
+    }
+
+    #[test]
+    fn cluster_domain_from_the_environment() {
+        assert_eq!(
+            load("ratings-vm", &[]).unwrap().cluster_domain,
+            "cluster.local"
+        );
+        let c = load("ratings-vm", &[("CLUSTER_DOMAIN", "corp.example.")]).unwrap();
+        assert_eq!(c.cluster_domain, "corp.example");
+        assert!(!c.environment.contains_key("CLUSTER_DOMAIN"));
+        for bad in [
+            "Corp.example",
+            "corp..example",
+            "-corp.example",
+            "corp example",
+            ".",
+        ] {
+            let m = message("ratings-vm", &[("CLUSTER_DOMAIN", bad)]);
+            assert!(
+                m.starts_with(&format!(
+                    "environment variable CLUSTER_DOMAIN: `{bad}` is not a domain"
+                )),
+                "{m}"
+            );
+        }
+        assert_eq!(parse_cluster_domain("a-1.b"), Ok("a-1.b".into()));
     }
 
     #[test]

@@ -55,10 +55,11 @@ pub const SAVED_TABLE_FILE: &str = "dns-name-table.pb";
 pub struct DnsOptions {
     /// UDP and TCP on this address (port 0: a free port, for tests).
     pub listen: SocketAddr,
-    /// The VM's namespace and cluster domain (bare service names answer
-    /// only in the VM's own namespace).
+    /// The VM's namespace (bare service names answer only in the VM's own
+    /// namespace).
     pub namespace: String,
-    /// The cluster domain (`cluster.local`).
+    /// The cluster domain (`cluster.local`): Kubernetes services under
+    /// `svc.<domain>` get their short names.
     pub domain: String,
     /// Nameservers and search domains; `/etc/resolv.conf`.
     pub resolv_conf: PathBuf,
@@ -81,7 +82,7 @@ impl DnsOptions {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("default address"),
             namespace: namespace.into(),
-            domain: "cluster.local".into(),
+            domain: crate::config::DEFAULT_CLUSTER_DOMAIN.into(),
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             upstreams: Vec::new(),
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,

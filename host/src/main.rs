@@ -89,6 +89,12 @@ enum Command {
         /// Run the DNS proxy even without ISTIO_META_DNS_CAPTURE.
         #[arg(long)]
         dns: bool,
+        /// The Kubernetes cluster domain (overrides CLUSTER_DOMAIN; default
+        /// cluster.local): `<name>.<ns>.svc.<domain>` services answer to
+        /// their short names in DNS, and Envoy's node id ends in
+        /// `<ns>.svc.<domain>`.
+        #[arg(long, value_name = "DOMAIN", value_parser = meshvm_agent::config::parse_cluster_domain)]
+        cluster_domain: Option<String>,
     },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
@@ -180,8 +186,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             status_listen,
             dns_listen,
             dns,
+            cluster_domain,
         } => {
-            let config = Config::load(&paths, &env)?;
+            let mut config = Config::load(&paths, &env)?;
+            if let Some(domain) = cluster_domain {
+                config.cluster_domain = domain;
+            }
             let options = AgentOptions {
                 state_dir,
                 run_dir,

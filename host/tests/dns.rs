@@ -676,3 +676,35 @@ async fn listens_and_forwards_over_ipv6() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_names_in_another_cluster_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut table = mesh_table();
+    table.table.insert(
+        "details.vm-ns.svc.corp.example".into(),
+        host(&["10.96.0.12"], "Kubernetes", "details", "vm-ns"),
+    );
+    let mut options = options();
+    options.domain = "corp.example".into();
+    options.upstreams = vec![format!("127.0.0.1:{}", free_port()).parse().unwrap()];
+    options.forward_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start(options, dir.path(), Some(table)).await;
+    for name in [
+        "details.vm-ns.svc.corp.example",
+        "details.vm-ns.svc",
+        "details.vm-ns",
+        "details",
+        "details.vm-ns.ec2.internal",
+    ] {
+        let d = dig_async(proxy.addr, name, "A", &[]).await;
+        assert_eq!(d.data("A"), ["10.96.0.12"], "{name}: {}", d.output);
+    }
+    // `cluster.local` services keep their full name only (the short one is
+    // forwarded, to a closed port: SERVFAIL).
+    let d = dig_async(proxy.addr, "ratings.vm-ns.svc.cluster.local", "A", &[]).await;
+    assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
+    let d = dig_async(proxy.addr, "ratings.vm-ns", "A", &[]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    proxy.stop().await;
+}

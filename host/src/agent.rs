@@ -58,6 +58,8 @@ pub struct AgentOptions {
     /// Run the DNS proxy even without `ISTIO_META_DNS_CAPTURE` (Istio's
     /// `ISTIO_META_ENABLE_DNS_SERVER`).
     pub force_dns: bool,
+    /// The DNS proxy's upstream nameservers (empty: those of resolv.conf).
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -122,6 +124,9 @@ pub async fn run(
     let dns_task = if dns_on {
         let mut dns = DnsOptions::new(config.namespace.clone());
         dns.domain = config.cluster_domain.clone();
+        dns.upstreams = options.dns_upstreams.clone();
+        dns.forward_parallel = config.dns_forward_parallel;
+        dns.forward_timeout = config.dns_forward_timeout;
         dns.listen = options.dns_listen;
         dns.saved_table = Some(options.state_dir.join(crate::dns::SAVED_TABLE_FILE));
         // Without DNS the VM still has its identity and its mesh traffic:

@@ -218,6 +218,13 @@ pub struct Config {
     pub inbound_ports: InboundPorts,
     /// `ISTIO_META_DNS_CAPTURE`: run the DNS proxy and capture DNS.
     pub dns_capture: bool,
+    /// `DNS_FORWARD_PARALLEL`: the DNS proxy asks every upstream nameserver
+    /// at once, first answer wins (instead of one after the other).
+    pub dns_forward_parallel: bool,
+    /// `DNS_FORWARD_TIMEOUT` (Go duration, default 5s): how long the DNS
+    /// proxy waits for an upstream nameserver.
+    #[serde(serialize_with = "serialize_go_duration")]
+    pub dns_forward_timeout: Duration,
     /// mesh.yaml `readinessProbe` (the WorkloadGroup's probe), if any.
     pub readiness_probe: Option<ReadinessProbe>,
     /// `SECRET_TTL` (Go duration, default 24h): the certificate lifetime the
@@ -263,6 +270,8 @@ const CONSUMED: &[&str] = &[
     "ISTIOD_SAN",
     "ISTIO_INBOUND_PORTS",
     "SECRET_TTL",
+    "DNS_FORWARD_PARALLEL",
+    "DNS_FORWARD_TIMEOUT",
 ];
 
 const META_PREFIX: &str = "ISTIO_META_";
@@ -438,6 +447,12 @@ impl Config {
         };
 
         let dns_capture = vars.bool("ISTIO_META_DNS_CAPTURE")?;
+        let dns_forward_parallel = vars.bool("DNS_FORWARD_PARALLEL")?;
+        let dns_forward_timeout = match vars.non_empty("DNS_FORWARD_TIMEOUT") {
+            None => crate::dns::DEFAULT_FORWARD_TIMEOUT,
+            Some(text) => parse_forward_timeout(text)
+                .map_err(|problem| vars.invalid("DNS_FORWARD_TIMEOUT", problem))?,
+        };
 
         let secret_ttl = match vars.non_empty("SECRET_TTL") {
             None => DEFAULT_SECRET_TTL,
@@ -491,6 +506,8 @@ impl Config {
             istiod_san: vars.non_empty("ISTIOD_SAN").map(String::from),
             inbound_ports,
             dns_capture,
+            dns_forward_parallel,
+            dns_forward_timeout,
             readiness_probe: proxy_config.readiness_probe.take(),
             secret_ttl,
             proxy_metadata,
@@ -667,6 +684,14 @@ pub fn parse_cluster_domain(text: &str) -> Result<String, String> {
         ));
     }
     Ok(domain.to_string())
+}
+
+/// The DNS proxy's upstream timeout: a Go duration above zero.
+pub fn parse_forward_timeout(text: &str) -> Result<Duration, String> {
+    match duration::parse_go_duration(text)? {
+        Duration::ZERO => Err(format!("`{text}`: the timeout must be above 0")),
+        timeout => Ok(timeout),
+    }
 }
 
 /// `host:port` or `[v6]:port`, port 1–65535.
@@ -1206,6 +1231,36 @@ mod tests {
             );
         }
         assert_eq!(parse_cluster_domain("a-1.b"), Ok("a-1.b".into()));
+    }
+
+    #[test]
+    fn dns_forwarding_from_the_environment() {
+        let c = load("ratings-vm", &[]).unwrap();
+        assert!(!c.dns_forward_parallel);
+        assert_eq!(c.dns_forward_timeout, Duration::from_secs(5));
+        let c = load(
+            "ratings-vm",
+            &[
+                ("DNS_FORWARD_PARALLEL", "true"),
+                ("DNS_FORWARD_TIMEOUT", "1.5s"),
+            ],
+        )
+        .unwrap();
+        assert!(c.dns_forward_parallel);
+        assert_eq!(c.dns_forward_timeout, Duration::from_millis(1500));
+        assert!(!c.environment.contains_key("DNS_FORWARD_TIMEOUT"));
+        assert_eq!(
+            message("ratings-vm", &[("DNS_FORWARD_TIMEOUT", "0s")]),
+            "environment variable DNS_FORWARD_TIMEOUT: `0s`: the timeout must be above 0"
+        );
+        assert_eq!(
+            message("ratings-vm", &[("DNS_FORWARD_TIMEOUT", "5")]),
+            "environment variable DNS_FORWARD_TIMEOUT: `5` has a number without a unit (ns, ms, s, m, h)"
+        );
+        assert_eq!(
+            message("ratings-vm", &[("DNS_FORWARD_PARALLEL", "yes")]),
+            "environment variable DNS_FORWARD_PARALLEL: `yes` is not true or false"
+        );
     }
 
     #[test]

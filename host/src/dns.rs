@@ -156,6 +156,8 @@ impl DnsServer {
         tracing::info!(
             addr = %udp.local_addr().map_err(|error| DnsError::Bind { addr: options.listen, error })?,
             upstreams = ?resolver.forwarder.servers,
+            forward_timeout = ?resolver.forwarder.timeout,
+            forward_parallel = resolver.forwarder.parallel,
             search = ?context.search,
             "DNS proxy listening (UDP and TCP)"
         );

@@ -1,5 +1,9 @@
 //! The DNS proxy against real clients and a real upstream: `dig` asks the
-//! in-process server; dnsmasq on loopback plays the VM's nameserver.
+//! in-process server (or `meshvm-agent run`); dnsmasq on loopback plays the
+//! VM's nameserver.
+
+#[path = "common/agent.rs"]
+mod agent;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -707,4 +711,106 @@ async fn short_names_in_another_cluster_domain() {
     let d = dig_async(proxy.addr, "ratings.vm-ns", "A", &[]).await;
     assert_eq!(d.status, "SERVFAIL", "{}", d.output);
     proxy.stop().await;
+}
+
+/// `meshvm-agent run` with its DNS flags: upstreams by `--dns-upstream`,
+/// parallel forwarding from DNS_FORWARD_PARALLEL, `--dns-forward-timeout`
+/// over DNS_FORWARD_TIMEOUT, `--cluster-domain`; its `/metrics` counts what
+/// was answered.
+#[test]
+fn agent_run_dns_flags() {
+    use agent::{Agent, CaServer, onboarding_dir};
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = CaServer::start(&rt, &dir.path().join("ca"));
+    let onboarding = onboarding_dir(&ca.ca, &dir.path().join("onboarding"));
+    let (_dnsmasq, upstream) = dnsmasq(dir.path(), "198.51.100.2 www.example.org\n");
+    // An upstream that never answers: with sequential forwarding and a 60 s
+    // timeout, half of the queries would wait for it.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let state = dir.path().join("certs");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut table = NameTable::default();
+    table.table.insert(
+        "details.vm-ns.svc.corp.example".into(),
+        host(&["10.96.0.12"], "Kubernetes", "details", "vm-ns"),
+    );
+    meshvm_agent::dns::save_table(&state.join(meshvm_agent::dns::SAVED_TABLE_FILE), &table);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (upstream, silent) = (
+        upstream.to_string(),
+        silent.local_addr().unwrap().to_string(),
+    );
+    let agent = Agent::spawn_with_args(
+        &onboarding,
+        dir.path(),
+        &ca.address(),
+        &[
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("DNS_FORWARD_PARALLEL", "true"),
+            ("DNS_FORWARD_TIMEOUT", "60s"),
+        ],
+        &[
+            "--no-envoy",
+            "--dns-listen",
+            &listen.to_string(),
+            "--dns-upstream",
+            &silent,
+            "--dns-upstream",
+            &upstream,
+            "--dns-forward-timeout",
+            "20s",
+            "--cluster-domain",
+            "corp.example",
+        ],
+    );
+    agent.wait_for_log("DNS proxy listening", 1);
+    agent.wait_for_log("status server", 1);
+    let log = agent.log();
+    for shown in [
+        format!("upstreams=[{silent}, {upstream}]"),
+        "forward_timeout=20s".into(),
+        "forward_parallel=true".into(),
+    ] {
+        assert!(log.contains(&shown), "no {shown} in:\n{log}");
+    }
+
+    // The short name in the configured cluster domain, from the saved table.
+    let d = dig(listen, "details", "A", &[]);
+    assert_eq!(d.data("A"), ["10.96.0.12"], "{}\n{}", d.output, agent.log());
+    // Forwarded names: dnsmasq answers first every time (sequentially, the
+    // silent server would come first in about half of them).
+    for _ in 0..8 {
+        let d = dig(listen, "www.example.org", "A", &["+time=10"]);
+        assert_eq!(
+            d.data("A"),
+            ["198.51.100.2"],
+            "{}\n{}",
+            d.output,
+            agent.log()
+        );
+    }
+
+    let status: SocketAddr = log
+        .split("status_address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no status address in:\n{log}"));
+    let (code, metrics) = meshvm_testing::envoy::http_get(status, "/metrics").unwrap();
+    assert_eq!(code, 200, "{metrics}");
+    for line in [
+        "meshvm_agent_dns_queries_total{outcome=\"table\"} 1",
+        "meshvm_agent_dns_queries_total{outcome=\"forwarded\"} 8",
+        "meshvm_agent_dns_upstream_duration_seconds_count 8",
+        "meshvm_agent_dns_table_hosts 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in:\n{metrics}"
+        );
+    }
+    let mut agent = agent;
+    assert!(agent.terminate(), "agent failed:\n{}", agent.log());
 }

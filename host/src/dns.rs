@@ -231,6 +231,18 @@ impl DnsServer {
     }
 }
 
+/// Answers one DNS message from `table` alone, as the UDP and TCP servers
+/// do, except that a question they would forward gets the SERVFAIL of
+/// unreachable upstreams: no network, no shared state. For fuzzing and for
+/// replaying hostile inputs. `None`: nothing would be sent.
+pub fn answer_packet(table: &LookupTable, request: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
+    let metrics = DnsMetrics::default();
+    match server::local_step(Some(table), false, request, protocol, &metrics) {
+        server::Step::Done(reply) => reply,
+        server::Step::Forward(message) => server::upstreams_failed(&message, &metrics),
+    }
+}
+
 /// Builds and swaps in the table of `name_table`.
 fn install(resolver: &server::Resolver, context: &TableContext, name_table: &NameTable) {
     let table = LookupTable::build(name_table, context);
@@ -296,5 +308,40 @@ pub(crate) fn shuffle<T>(items: &mut [T]) {
     for i in (1..items.len()).rev() {
         let j = (random_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
+
+    #[test]
+    fn answer_packet_answers_the_table_and_servfails_the_rest() {
+        let mut name_table = NameTable::default();
+        name_table.table.insert(
+            "db.example.com".into(),
+            NameInfo {
+                ips: vec!["192.0.2.1".into()],
+                ..Default::default()
+            },
+        );
+        let table = LookupTable::build(&name_table, &TableContext::new("ns"));
+        let ask = |name: &str| {
+            let mut query = Message::query();
+            query.metadata.id = 77;
+            query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            let bytes = query.to_vec().unwrap();
+            let reply = answer_packet(&table, &bytes, Protocol::Udp).unwrap();
+            Message::from_vec(&reply).unwrap()
+        };
+        let reply = ask("db.example.com.");
+        assert_eq!(reply.metadata.id, 77);
+        assert_eq!(reply.answers.len(), 1);
+        let reply = ask("elsewhere.example.");
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert!(answer_packet(&table, &[0; 11], Protocol::Tcp).is_none());
     }
 }

@@ -40,108 +40,18 @@ impl Resolver {
     /// Answers one DNS message. `None`: nothing to send (not a query, or
     /// too short to carry an ID).
     pub(crate) async fn handle(&self, request: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
-        let metrics = &self.metrics;
-        metrics.queries.fetch_add(1, Ordering::Relaxed);
-        if request.len() < 12 || request[2] & 0x80 != 0 {
-            // Too short for a header, or a response: never answer (no
-            // reflection loops).
-            metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
+        let table = self.table.load_full();
+        let step = local_step(
+            table.as_deref(),
+            self.forward_before_table,
+            request,
+            protocol,
+            &self.metrics,
+        );
+        match step {
+            Step::Done(reply) => reply,
+            Step::Forward(message) => self.forward(request, &message, protocol).await,
         }
-        let limit = |message: &Message| match protocol {
-            Protocol::Tcp => u16::MAX as usize,
-            Protocol::Udp => message
-                .edns
-                .as_ref()
-                .map(|e| (e.max_payload() as usize).max(MIN_UDP))
-                .unwrap_or(MIN_UDP),
-        };
-        let message = match Message::from_vec(request) {
-            Ok(message) => message,
-            Err(_) => {
-                metrics.formerr.fetch_add(1, Ordering::Relaxed);
-                let id = u16::from_be_bytes([request[0], request[1]]);
-                let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
-                let mut reply = Message::error_msg(id, op_code, ResponseCode::FormErr);
-                reply.metadata.recursion_desired = request[2] & 0x01 != 0;
-                return reply.to_vec().ok();
-            }
-        };
-        if message.metadata.message_type != MessageType::Query {
-            metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        if message.metadata.op_code != OpCode::Query {
-            metrics.other_errors.fetch_add(1, Ordering::Relaxed);
-            return encode(error(&message, ResponseCode::NotImp), limit(&message));
-        }
-        let Some(query) = message.queries.first() else {
-            metrics.servfail.fetch_add(1, Ordering::Relaxed);
-            return encode(error(&message, ResponseCode::ServFail), limit(&message));
-        };
-        let Some(table) = self.table.load_full() else {
-            if self.forward_before_table {
-                return self.forward(request, &message, protocol).await;
-            }
-            metrics.servfail.fetch_add(1, Ordering::Relaxed);
-            return encode(error(&message, ResponseCode::ServFail), limit(&message));
-        };
-        let qtype = query.query_type();
-        if matches!(qtype, RecordType::A | RecordType::AAAA) {
-            let qname = query.name().to_ascii();
-            if let Some(hit) = table.lookup(&qname) {
-                metrics.answered.fetch_add(1, Ordering::Relaxed);
-                let mut reply = response(&message);
-                reply.metadata.authoritative = true;
-                let owner = match &hit.cname {
-                    Some(target) => {
-                        let mut target = target.clone();
-                        if hit.wildcard {
-                            // `*.x.` reached through a wildcard: the
-                            // target takes the question's first label.
-                            if let Some(rest) = target.strip_prefix('*') {
-                                let first = qname.split('.').next().unwrap_or("");
-                                target = format!("{first}{rest}");
-                            }
-                        }
-                        match Name::from_ascii(&target) {
-                            Ok(target) => {
-                                reply.answers.push(Record::from_rdata(
-                                    query.name().clone(),
-                                    TTL,
-                                    RData::CNAME(CNAME(target.clone())),
-                                ));
-                                target
-                            }
-                            Err(_) => query.name().clone(),
-                        }
-                    }
-                    None => query.name().clone(),
-                };
-                if qtype == RecordType::A {
-                    let mut ips = hit.v4.to_vec();
-                    shuffle(&mut ips);
-                    reply.answers.extend(
-                        ips.into_iter()
-                            .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::A(A(ip)))),
-                    );
-                } else {
-                    let mut ips = hit.v6.to_vec();
-                    shuffle(&mut ips);
-                    reply.answers.extend(
-                        ips.into_iter().map(|ip| {
-                            Record::from_rdata(owner.clone(), TTL, RData::AAAA(AAAA(ip)))
-                        }),
-                    );
-                }
-                return encode(reply, limit(&message)).inspect(|bytes| {
-                    if bytes[2] & 0x02 != 0 {
-                        metrics.truncated.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
-        }
-        self.forward(request, &message, protocol).await
     }
 
     async fn forward(
@@ -167,12 +77,148 @@ impl Resolver {
                 Some(reply)
             }
             None => {
-                self.metrics.servfail.fetch_add(1, Ordering::Relaxed);
                 self.metrics.forward_failed.fetch_add(1, Ordering::Relaxed);
-                encode(error(message, ResponseCode::ServFail), u16::MAX as usize)
+                upstreams_failed(message, &self.metrics)
             }
         }
     }
+}
+
+/// What becomes of one message before any upstream is asked.
+pub(crate) enum Step {
+    /// Answered (or dropped: `None`) by the proxy itself.
+    Done(Option<Vec<u8>>),
+    /// For the upstreams; the parsed query, for the SERVFAIL if none
+    /// answers.
+    Forward(Message),
+}
+
+/// The part of query handling that needs no network (§5.5 steps 1–5):
+/// drops, errors and table answers are complete here; the rest is to be
+/// forwarded. Counts in `metrics`, except the outcome of a forward.
+pub(crate) fn local_step(
+    table: Option<&LookupTable>,
+    forward_before_table: bool,
+    request: &[u8],
+    protocol: Protocol,
+    metrics: &DnsMetrics,
+) -> Step {
+    use Step::{Done, Forward};
+    metrics.queries.fetch_add(1, Ordering::Relaxed);
+    if request.len() < 12 || request[2] & 0x80 != 0 {
+        // Too short for a header, or a response: never answer (no
+        // reflection loops).
+        metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        return Done(None);
+    }
+    let limit = |message: &Message| match protocol {
+        Protocol::Tcp => u16::MAX as usize,
+        Protocol::Udp => message
+            .edns
+            .as_ref()
+            .map(|e| (e.max_payload() as usize).max(MIN_UDP))
+            .unwrap_or(MIN_UDP),
+    };
+    let message = match Message::from_vec(request) {
+        Ok(message) => message,
+        Err(_) => {
+            metrics.formerr.fetch_add(1, Ordering::Relaxed);
+            let id = u16::from_be_bytes([request[0], request[1]]);
+            let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
+            let mut reply = Message::error_msg(id, op_code, ResponseCode::FormErr);
+            reply.metadata.recursion_desired = request[2] & 0x01 != 0;
+            return Done(reply.to_vec().ok());
+        }
+    };
+    if message.metadata.message_type != MessageType::Query {
+        metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        return Done(None);
+    }
+    if message.metadata.op_code != OpCode::Query {
+        metrics.other_errors.fetch_add(1, Ordering::Relaxed);
+        return Done(encode(
+            error(&message, ResponseCode::NotImp),
+            limit(&message),
+        ));
+    }
+    let Some(query) = message.queries.first() else {
+        metrics.servfail.fetch_add(1, Ordering::Relaxed);
+        return Done(encode(
+            error(&message, ResponseCode::ServFail),
+            limit(&message),
+        ));
+    };
+    let Some(table) = table else {
+        if forward_before_table {
+            return Forward(message);
+        }
+        metrics.servfail.fetch_add(1, Ordering::Relaxed);
+        return Done(encode(
+            error(&message, ResponseCode::ServFail),
+            limit(&message),
+        ));
+    };
+    let qtype = query.query_type();
+    if matches!(qtype, RecordType::A | RecordType::AAAA) {
+        let qname = query.name().to_ascii();
+        if let Some(hit) = table.lookup(&qname) {
+            metrics.answered.fetch_add(1, Ordering::Relaxed);
+            let mut reply = response(&message);
+            reply.metadata.authoritative = true;
+            let owner = match &hit.cname {
+                Some(target) => {
+                    let mut target = target.clone();
+                    if hit.wildcard {
+                        // `*.x.` reached through a wildcard: the
+                        // target takes the question's first label.
+                        if let Some(rest) = target.strip_prefix('*') {
+                            let first = qname.split('.').next().unwrap_or("");
+                            target = format!("{first}{rest}");
+                        }
+                    }
+                    match Name::from_ascii(&target) {
+                        Ok(target) => {
+                            reply.answers.push(Record::from_rdata(
+                                query.name().clone(),
+                                TTL,
+                                RData::CNAME(CNAME(target.clone())),
+                            ));
+                            target
+                        }
+                        Err(_) => query.name().clone(),
+                    }
+                }
+                None => query.name().clone(),
+            };
+            if qtype == RecordType::A {
+                let mut ips = hit.v4.to_vec();
+                shuffle(&mut ips);
+                reply.answers.extend(
+                    ips.into_iter()
+                        .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::A(A(ip)))),
+                );
+            } else {
+                let mut ips = hit.v6.to_vec();
+                shuffle(&mut ips);
+                reply.answers.extend(
+                    ips.into_iter()
+                        .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::AAAA(AAAA(ip)))),
+                );
+            }
+            return Done(encode(reply, limit(&message)).inspect(|bytes| {
+                if bytes[2] & 0x02 != 0 {
+                    metrics.truncated.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    Forward(message)
+}
+
+/// The SERVFAIL for a query no upstream answered.
+pub(crate) fn upstreams_failed(message: &Message, metrics: &DnsMetrics) -> Option<Vec<u8>> {
+    metrics.servfail.fetch_add(1, Ordering::Relaxed);
+    encode(error(message, ResponseCode::ServFail), u16::MAX as usize)
 }
 
 /// A response header for `request`: same ID, opcode, RD and first question

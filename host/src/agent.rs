@@ -58,6 +58,8 @@ pub struct AgentOptions {
     /// Run the DNS proxy even without `ISTIO_META_DNS_CAPTURE` (Istio's
     /// `ISTIO_META_ENABLE_DNS_SERVER`).
     pub force_dns: bool,
+    /// The DNS proxy's upstream nameservers (empty: those of resolv.conf).
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -118,15 +120,23 @@ pub async fn run(
     let status_address = status_listener.local_addr()?;
 
     // 3. DNS.
+    let mut dns_metrics = None;
     let dns_task = if dns_on {
         let mut dns = DnsOptions::new(config.namespace.clone());
+        dns.domain = config.cluster_domain.clone();
+        dns.upstreams = options.dns_upstreams.clone();
+        dns.forward_parallel = config.dns_forward_parallel;
+        dns.forward_timeout = config.dns_forward_timeout;
         dns.listen = options.dns_listen;
         dns.saved_table = Some(options.state_dir.join(crate::dns::SAVED_TABLE_FILE));
         // Without DNS the VM still has its identity and its mesh traffic:
         // a port already taken is an error in the log, not the end of the
         // agent.
         match DnsServer::bind(dns, proxy.name_tables()).await {
-            Ok(server) => Some(tokio::spawn(server.serve(stopped(&servers_stopped)))),
+            Ok(server) => {
+                dns_metrics = Some(server.metrics());
+                Some(tokio::spawn(server.serve(stopped(&servers_stopped))))
+            }
             Err(error) => {
                 tracing::error!(%error, "DNS proxy not started; mesh names will not resolve");
                 None
@@ -164,6 +174,7 @@ pub async fn run(
         name_table: proxy.name_tables(),
         envoy: supervisor.as_ref().map(Supervisor::subscribe),
         dns: config.dns_capture,
+        dns_metrics,
     };
     let status_task = tokio::spawn(status::serve(
         status_listener,

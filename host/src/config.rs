@@ -42,6 +42,9 @@ pub use token::{Claims, IstioToken};
 pub const DEFAULT_DISCOVERY_ADDRESS: &str = "istiod.istio-system.svc:15012";
 /// The trust domain used when `TRUST_DOMAIN` is unset or empty.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The Kubernetes cluster domain used when `CLUSTER_DOMAIN` is unset or
+/// empty (Istio's `constants.DefaultClusterLocalDomain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 /// Envoy's node cluster when `ISTIO_SERVICE` is unset.
 pub const DEFAULT_SERVICE_CLUSTER: &str = "istio-proxy";
 /// The audience istiod's TokenReview expects by default.
@@ -176,6 +179,11 @@ pub struct Config {
     pub service_account: String,
     /// `TRUST_DOMAIN`; unset or empty means `cluster.local`.
     pub trust_domain: String,
+    /// `CLUSTER_DOMAIN`, else `cluster.local`: the Kubernetes cluster
+    /// domain. Services are `<name>.<ns>.svc.<domain>` (the DNS proxy gives
+    /// them their short names) and Envoy's node id ends in
+    /// `<ns>.svc.<domain>` (Istio's agent `--domain`).
+    pub cluster_domain: String,
     /// `ISTIO_META_WORKLOAD_NAME`: the WorkloadGroup's name.
     pub workload_name: Option<String>,
     /// `POD_NAME` (the start script defaults it to the short hostname).
@@ -210,6 +218,13 @@ pub struct Config {
     pub inbound_ports: InboundPorts,
     /// `ISTIO_META_DNS_CAPTURE`: run the DNS proxy and capture DNS.
     pub dns_capture: bool,
+    /// `DNS_FORWARD_PARALLEL`: the DNS proxy asks every upstream nameserver
+    /// at once, first answer wins (instead of one after the other).
+    pub dns_forward_parallel: bool,
+    /// `DNS_FORWARD_TIMEOUT` (Go duration, default 5s): how long the DNS
+    /// proxy waits for an upstream nameserver.
+    #[serde(serialize_with = "serialize_go_duration")]
+    pub dns_forward_timeout: Duration,
     /// mesh.yaml `readinessProbe` (the WorkloadGroup's probe), if any.
     pub readiness_probe: Option<ReadinessProbe>,
     /// `SECRET_TTL` (Go duration, default 24h): the certificate lifetime the
@@ -243,6 +258,7 @@ const CONSUMED: &[&str] = &[
     "ISTIO_NAMESPACE",
     "SERVICE_ACCOUNT",
     "TRUST_DOMAIN",
+    "CLUSTER_DOMAIN",
     "POD_NAME",
     "INSTANCE_IP",
     "ISTIO_SVC_IP",
@@ -254,6 +270,8 @@ const CONSUMED: &[&str] = &[
     "ISTIOD_SAN",
     "ISTIO_INBOUND_PORTS",
     "SECRET_TTL",
+    "DNS_FORWARD_PARALLEL",
+    "DNS_FORWARD_TIMEOUT",
 ];
 
 const META_PREFIX: &str = "ISTIO_META_";
@@ -355,6 +373,13 @@ impl Config {
             Some(td) => td.to_string(),
         };
 
+        let cluster_domain = match vars.non_empty("CLUSTER_DOMAIN") {
+            None => DEFAULT_CLUSTER_DOMAIN.to_string(),
+            Some(text) => {
+                parse_cluster_domain(text).map_err(|p| vars.invalid("CLUSTER_DOMAIN", p))?
+            }
+        };
+
         let instance_ip = ["INSTANCE_IP", "ISTIO_SVC_IP"]
             .into_iter()
             .find(|key| vars.non_empty(key).is_some())
@@ -422,6 +447,12 @@ impl Config {
         };
 
         let dns_capture = vars.bool("ISTIO_META_DNS_CAPTURE")?;
+        let dns_forward_parallel = vars.bool("DNS_FORWARD_PARALLEL")?;
+        let dns_forward_timeout = match vars.non_empty("DNS_FORWARD_TIMEOUT") {
+            None => crate::dns::DEFAULT_FORWARD_TIMEOUT,
+            Some(text) => parse_forward_timeout(text)
+                .map_err(|problem| vars.invalid("DNS_FORWARD_TIMEOUT", problem))?,
+        };
 
         let secret_ttl = match vars.non_empty("SECRET_TTL") {
             None => DEFAULT_SECRET_TTL,
@@ -452,6 +483,7 @@ impl Config {
             namespace,
             service_account,
             trust_domain,
+            cluster_domain,
             workload_name: vars.non_empty("ISTIO_META_WORKLOAD_NAME").map(String::from),
             pod_name: vars.non_empty("POD_NAME").map(String::from),
             instance_ip,
@@ -474,6 +506,8 @@ impl Config {
             istiod_san: vars.non_empty("ISTIOD_SAN").map(String::from),
             inbound_ports,
             dns_capture,
+            dns_forward_parallel,
+            dns_forward_timeout,
             readiness_probe: proxy_config.readiness_probe.take(),
             secret_ttl,
             proxy_metadata,
@@ -628,6 +662,35 @@ fn file_origin(path: &Path, line: Option<usize>) -> Origin {
     Origin::File {
         path: path.to_path_buf(),
         line,
+    }
+}
+
+/// A cluster domain (`cluster.local`, `corp.example`): DNS labels of
+/// lower-case letters, digits and `-`; a final dot is dropped.
+pub fn parse_cluster_domain(text: &str) -> Result<String, String> {
+    let domain = text.trim().strip_suffix('.').unwrap_or(text.trim());
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if domain.len() > 253 || !domain.split('.').all(label_ok) {
+        return Err(format!(
+            "`{text}` is not a domain (labels of lower-case letters, digits and `-`, \
+             separated by dots, like `cluster.local`)"
+        ));
+    }
+    Ok(domain.to_string())
+}
+
+/// The DNS proxy's upstream timeout: a Go duration above zero.
+pub fn parse_forward_timeout(text: &str) -> Result<Duration, String> {
+    match duration::parse_go_duration(text)? {
+        Duration::ZERO => Err(format!("`{text}`: the timeout must be above 0")),
+        timeout => Ok(timeout),
     }
 }
 
@@ -1140,6 +1203,63 @@ mod tests {
         assert_eq!(
             shown(Config::load(&paths, &BTreeMap::new()).unwrap_err()),
             "/cluster.env:1: not UTF-8 text"
+        );
+    }
+
+    #[test]
+    fn cluster_domain_from_the_environment() {
+        assert_eq!(
+            load("ratings-vm", &[]).unwrap().cluster_domain,
+            "cluster.local"
+        );
+        let c = load("ratings-vm", &[("CLUSTER_DOMAIN", "corp.example.")]).unwrap();
+        assert_eq!(c.cluster_domain, "corp.example");
+        assert!(!c.environment.contains_key("CLUSTER_DOMAIN"));
+        for bad in [
+            "Corp.example",
+            "corp..example",
+            "-corp.example",
+            "corp example",
+            ".",
+        ] {
+            let m = message("ratings-vm", &[("CLUSTER_DOMAIN", bad)]);
+            assert!(
+                m.starts_with(&format!(
+                    "environment variable CLUSTER_DOMAIN: `{bad}` is not a domain"
+                )),
+                "{m}"
+            );
+        }
+        assert_eq!(parse_cluster_domain("a-1.b"), Ok("a-1.b".into()));
+    }
+
+    #[test]
+    fn dns_forwarding_from_the_environment() {
+        let c = load("ratings-vm", &[]).unwrap();
+        assert!(!c.dns_forward_parallel);
+        assert_eq!(c.dns_forward_timeout, Duration::from_secs(5));
+        let c = load(
+            "ratings-vm",
+            &[
+                ("DNS_FORWARD_PARALLEL", "true"),
+                ("DNS_FORWARD_TIMEOUT", "1.5s"),
+            ],
+        )
+        .unwrap();
+        assert!(c.dns_forward_parallel);
+        assert_eq!(c.dns_forward_timeout, Duration::from_millis(1500));
+        assert!(!c.environment.contains_key("DNS_FORWARD_TIMEOUT"));
+        assert_eq!(
+            message("ratings-vm", &[("DNS_FORWARD_TIMEOUT", "0s")]),
+            "environment variable DNS_FORWARD_TIMEOUT: `0s`: the timeout must be above 0"
+        );
+        assert_eq!(
+            message("ratings-vm", &[("DNS_FORWARD_TIMEOUT", "5")]),
+            "environment variable DNS_FORWARD_TIMEOUT: `5` has a number without a unit (ns, ms, s, m, h)"
+        );
+        assert_eq!(
+            message("ratings-vm", &[("DNS_FORWARD_PARALLEL", "yes")]),
+            "environment variable DNS_FORWARD_PARALLEL: `yes` is not true or false"
         );
     }
 

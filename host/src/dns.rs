@@ -9,12 +9,15 @@
 //!   handling (§5.5), truncation.
 //! - [`forward`]: the upstream nameservers.
 //! - [`resolv_conf`]: nameservers and search domains of resolv.conf.
+//! - [`metrics`]: counters and the upstream latency histogram, for the
+//!   agent's `/metrics`.
 //!
 //! The last table is saved in the agent's state directory and loaded at
 //! start, so mesh names keep resolving after a restart while the control
 //! plane is unreachable.
 
 pub mod forward;
+pub mod metrics;
 pub mod resolv_conf;
 pub mod server;
 pub mod table;
@@ -33,6 +36,7 @@ use prost::Message as _;
 use tokio::net::{TcpListener, UdpSocket};
 
 pub use forward::{Forwarder, Protocol};
+pub use metrics::{DnsMetrics, DnsMetricsSnapshot};
 pub use resolv_conf::ResolvConf;
 pub use server::{ListenOptions, TTL};
 pub use table::{LookupTable, TableContext};
@@ -51,10 +55,11 @@ pub const SAVED_TABLE_FILE: &str = "dns-name-table.pb";
 pub struct DnsOptions {
     /// UDP and TCP on this address (port 0: a free port, for tests).
     pub listen: SocketAddr,
-    /// The VM's namespace and cluster domain (bare service names answer
-    /// only in the VM's own namespace).
+    /// The VM's namespace (bare service names answer only in the VM's own
+    /// namespace).
     pub namespace: String,
-    /// The cluster domain (`cluster.local`).
+    /// The cluster domain (`cluster.local`): Kubernetes services under
+    /// `svc.<domain>` get their short names.
     pub domain: String,
     /// Nameservers and search domains; `/etc/resolv.conf`.
     pub resolv_conf: PathBuf,
@@ -77,7 +82,7 @@ impl DnsOptions {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("default address"),
             namespace: namespace.into(),
-            domain: "cluster.local".into(),
+            domain: crate::config::DEFAULT_CLUSTER_DOMAIN.into(),
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             upstreams: Vec::new(),
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
@@ -85,70 +90,6 @@ impl DnsOptions {
             forward_before_table: false,
             listen_options: ListenOptions::default(),
             saved_table: None,
-        }
-    }
-}
-
-/// Counters for `/metrics`: plain atomics, read with [`DnsMetrics::snapshot`].
-#[derive(Debug, Default)]
-pub struct DnsMetrics {
-    /// Every message received.
-    pub queries: AtomicU64,
-    /// Answered from the table (including empty NOERROR).
-    pub answered: AtomicU64,
-    /// Relayed from an upstream.
-    pub forwarded: AtomicU64,
-    /// Every upstream failed (counted in `servfail` too).
-    pub forward_failed: AtomicU64,
-    /// SERVFAIL sent (no question, no table yet, upstreams failed).
-    pub servfail: AtomicU64,
-    /// Unparseable queries (FORMERR sent).
-    pub formerr: AtomicU64,
-    /// Other error answers (NOTIMP for opcodes other than QUERY).
-    pub other_errors: AtomicU64,
-    /// Not answered: too short for a header, not a query, or too many UDP
-    /// queries in flight.
-    pub dropped: AtomicU64,
-    /// Table answers truncated (TC set).
-    pub truncated: AtomicU64,
-    /// Hosts and names of the current table.
-    pub table_hosts: AtomicU64,
-    pub table_names: AtomicU64,
-}
-
-/// A copy of [`DnsMetrics`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DnsMetricsSnapshot {
-    pub queries: u64,
-    pub answered: u64,
-    pub forwarded: u64,
-    pub forward_failed: u64,
-    pub servfail: u64,
-    pub formerr: u64,
-    pub other_errors: u64,
-    pub dropped: u64,
-    pub truncated: u64,
-    pub table_hosts: u64,
-    pub table_names: u64,
-}
-
-impl DnsMetrics {
-    /// Every counter, read once (each is exact; together they are not one
-    /// atomic instant).
-    pub fn snapshot(&self) -> DnsMetricsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        DnsMetricsSnapshot {
-            queries: get(&self.queries),
-            answered: get(&self.answered),
-            forwarded: get(&self.forwarded),
-            forward_failed: get(&self.forward_failed),
-            servfail: get(&self.servfail),
-            formerr: get(&self.formerr),
-            other_errors: get(&self.other_errors),
-            dropped: get(&self.dropped),
-            truncated: get(&self.truncated),
-            table_hosts: get(&self.table_hosts),
-            table_names: get(&self.table_names),
         }
     }
 }
@@ -215,6 +156,8 @@ impl DnsServer {
         tracing::info!(
             addr = %udp.local_addr().map_err(|error| DnsError::Bind { addr: options.listen, error })?,
             upstreams = ?resolver.forwarder.servers,
+            forward_timeout = ?resolver.forwarder.timeout,
+            forward_parallel = resolver.forwarder.parallel,
             search = ?context.search,
             "DNS proxy listening (UDP and TCP)"
         );
@@ -288,6 +231,18 @@ impl DnsServer {
     }
 }
 
+/// Answers one DNS message from `table` alone, as the UDP and TCP servers
+/// do, except that a question they would forward gets the SERVFAIL of
+/// unreachable upstreams: no network, no shared state. For fuzzing and for
+/// replaying hostile inputs. `None`: nothing would be sent.
+pub fn answer_packet(table: &LookupTable, request: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
+    let metrics = DnsMetrics::default();
+    match server::local_step(Some(table), false, request, protocol, &metrics) {
+        server::Step::Done(reply) => reply,
+        server::Step::Forward(message) => server::upstreams_failed(&message, &metrics),
+    }
+}
+
 /// Builds and swaps in the table of `name_table`.
 fn install(resolver: &server::Resolver, context: &TableContext, name_table: &NameTable) {
     let table = LookupTable::build(name_table, context);
@@ -353,5 +308,40 @@ pub(crate) fn shuffle<T>(items: &mut [T]) {
     for i in (1..items.len()).rev() {
         let j = (random_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
+
+    #[test]
+    fn answer_packet_answers_the_table_and_servfails_the_rest() {
+        let mut name_table = NameTable::default();
+        name_table.table.insert(
+            "db.example.com".into(),
+            NameInfo {
+                ips: vec!["192.0.2.1".into()],
+                ..Default::default()
+            },
+        );
+        let table = LookupTable::build(&name_table, &TableContext::new("ns"));
+        let ask = |name: &str| {
+            let mut query = Message::query();
+            query.metadata.id = 77;
+            query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            let bytes = query.to_vec().unwrap();
+            let reply = answer_packet(&table, &bytes, Protocol::Udp).unwrap();
+            Message::from_vec(&reply).unwrap()
+        };
+        let reply = ask("db.example.com.");
+        assert_eq!(reply.metadata.id, 77);
+        assert_eq!(reply.answers.len(), 1);
+        let reply = ask("elsewhere.example.");
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert!(answer_packet(&table, &[0; 11], Protocol::Tcp).is_none());
     }
 }

@@ -30,6 +30,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: boxing `Run` would save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the onboarding files and the environment, and print the resolved
@@ -81,13 +83,33 @@ enum Command {
         /// status port) and /metrics.
         #[arg(long, value_name = "ADDR", default_value_t = status::DEFAULT_STATUS_ADDRESS)]
         status_listen: std::net::SocketAddr,
-        /// The DNS proxy's address, UDP and TCP; it runs when cluster.env
-        /// sets ISTIO_META_DNS_CAPTURE=true, or with --dns.
+        /// The DNS proxy's address, UDP and TCP (IPv4 or IPv6, e.g.
+        /// `[::1]:15053`); it runs when cluster.env sets
+        /// ISTIO_META_DNS_CAPTURE=true, or with --dns.
         #[arg(long, value_name = "ADDR", default_value = meshvm_agent::dns::DEFAULT_LISTEN)]
         dns_listen: std::net::SocketAddr,
         /// Run the DNS proxy even without ISTIO_META_DNS_CAPTURE.
         #[arg(long)]
         dns: bool,
+        /// The Kubernetes cluster domain (overrides CLUSTER_DOMAIN; default
+        /// cluster.local): `<name>.<ns>.svc.<domain>` services answer to
+        /// their short names in DNS, and Envoy's node id ends in
+        /// `<ns>.svc.<domain>`.
+        #[arg(long, value_name = "DOMAIN", value_parser = meshvm_agent::config::parse_cluster_domain)]
+        cluster_domain: Option<String>,
+        /// An upstream nameserver of the DNS proxy (IP, IP:port or
+        /// [IPv6]:port; repeat for several); default: the nameservers of
+        /// /etc/resolv.conf.
+        #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = meshvm_agent::dns::forward::parse_server)]
+        dns_upstreams: Vec<std::net::SocketAddr>,
+        /// Ask every upstream nameserver at once, first answer wins
+        /// (overrides DNS_FORWARD_PARALLEL; `=false` turns it off).
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        dns_forward_parallel: Option<bool>,
+        /// How long the DNS proxy waits for an upstream nameserver, e.g.
+        /// `2s` (overrides DNS_FORWARD_TIMEOUT; default 5s).
+        #[arg(long, value_name = "DURATION", value_parser = meshvm_agent::config::parse_forward_timeout)]
+        dns_forward_timeout: Option<std::time::Duration>,
     },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
@@ -179,8 +201,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             status_listen,
             dns_listen,
             dns,
+            cluster_domain,
+            dns_upstreams,
+            dns_forward_parallel,
+            dns_forward_timeout,
         } => {
-            let config = Config::load(&paths, &env)?;
+            let mut config = Config::load(&paths, &env)?;
+            // Flags win over the environment and the onboarding files.
+            if let Some(domain) = cluster_domain {
+                config.cluster_domain = domain;
+            }
+            if let Some(parallel) = dns_forward_parallel {
+                config.dns_forward_parallel = parallel;
+            }
+            if let Some(timeout) = dns_forward_timeout {
+                config.dns_forward_timeout = timeout;
+            }
             let options = AgentOptions {
                 state_dir,
                 run_dir,
@@ -194,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 status_address: status_listen,
                 dns_listen,
                 force_dns: dns,
+                dns_upstreams,
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()
@@ -249,5 +286,84 @@ async fn termination() {
             }
         }
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<Command, clap::Error> {
+        let mut argv = vec!["meshvm-agent", "run"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|cli| cli.command)
+    }
+
+    #[test]
+    fn dns_flags() {
+        let Ok(Command::Run {
+            dns_upstreams,
+            dns_forward_parallel,
+            dns_forward_timeout,
+            cluster_domain,
+            ..
+        }) = run_args(&[])
+        else {
+            panic!("run without flags");
+        };
+        assert!(dns_upstreams.is_empty());
+        assert_eq!(
+            (dns_forward_parallel, dns_forward_timeout, cluster_domain),
+            (None, None, None)
+        );
+        let Ok(Command::Run {
+            dns_upstreams,
+            dns_forward_parallel,
+            dns_forward_timeout,
+            cluster_domain,
+            ..
+        }) = run_args(&[
+            "--dns-upstream",
+            "10.0.0.2",
+            "--dns-forward-parallel",
+            "--dns-upstream",
+            "[fd00::2]:5353",
+            "--dns-forward-timeout",
+            "1500ms",
+            "--cluster-domain",
+            "corp.example",
+        ])
+        else {
+            panic!("run with DNS flags");
+        };
+        assert_eq!(
+            dns_upstreams,
+            [
+                "10.0.0.2:53".parse().unwrap(),
+                "[fd00::2]:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(dns_forward_parallel, Some(true));
+        assert_eq!(
+            dns_forward_timeout,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(cluster_domain.as_deref(), Some("corp.example"));
+        let Ok(Command::Run {
+            dns_forward_parallel,
+            ..
+        }) = run_args(&["--dns-forward-parallel=false"])
+        else {
+            panic!("--dns-forward-parallel=false");
+        };
+        assert_eq!(dns_forward_parallel, Some(false));
+        for bad in [
+            &["--dns-forward-timeout", "0s"][..],
+            &["--dns-upstream", "dns.example"],
+            &["--cluster-domain", "Corp"],
+            &["--dns-forward-parallel=maybe"],
+        ] {
+            assert!(run_args(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -21,6 +21,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::dns::DnsMetrics;
 use crate::envoy::EnvoyStatus;
 use crate::identity_manager::CurrentIdentity;
 use crate::xds::{NameTableReceiver, XdsStatus};
@@ -38,6 +39,8 @@ pub struct StatusSources {
     pub envoy: Option<watch::Receiver<EnvoyStatus>>,
     /// The DNS proxy is on: readiness waits for a NameTable.
     pub dns: bool,
+    /// The running DNS proxy's counters, rendered with the rest.
+    pub dns_metrics: Option<Arc<DnsMetrics>>,
 }
 
 /// Why the agent is not ready (empty: ready).
@@ -151,6 +154,9 @@ pub fn render_metrics(sources: &StatusSources) -> String {
             restarts as f64,
         );
     }
+    if let Some(dns) = &sources.dns_metrics {
+        dns.render(&mut out);
+    }
     out
 }
 
@@ -191,6 +197,7 @@ mod tests {
             name_table: watch::channel(None).1,
             envoy: None,
             dns,
+            dns_metrics: None,
         }
     }
 
@@ -214,6 +221,17 @@ mod tests {
         let text = render_metrics(&sources(false));
         assert!(text.contains("# TYPE meshvm_agent_xds_upstream_streams gauge\n"));
         assert!(text.contains("\nmeshvm_agent_name_table_hosts 0\n"));
+        assert!(!text.contains("meshvm_agent_dns_"), "{text}");
+        let dns = Arc::new(DnsMetrics::default());
+        dns.answered.store(2, std::sync::atomic::Ordering::Relaxed);
+        let text = render_metrics(&StatusSources {
+            dns_metrics: Some(dns),
+            ..sources(true)
+        });
+        assert!(
+            text.contains("\nmeshvm_agent_dns_queries_total{outcome=\"table\"} 2\n"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').unwrap();
             assert!(name.starts_with("meshvm_agent_"), "{line}");

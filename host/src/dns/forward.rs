@@ -3,7 +3,7 @@
 //! server after the other (or all at once), relaying the first answer
 //! unchanged except for the ID.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -27,6 +27,14 @@ pub struct Forwarder {
     /// Ask every server at once, first answer wins (Istio:
     /// `DNS_FORWARD_PARALLEL`).
     pub parallel: bool,
+}
+
+/// An upstream nameserver: `IP` (port 53), `IP:port` or `[IPv6]:port`.
+pub fn parse_server(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("`{text}` is not a nameserver address (IP, IP:port or [IPv6]:port)"))
 }
 
 /// Why an upstream gave no answer.
@@ -162,4 +170,24 @@ async fn first_some<'a, T>(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses() {
+        for (text, addr) in [
+            ("10.0.0.2", "10.0.0.2:53"),
+            ("10.0.0.2:5353", "10.0.0.2:5353"),
+            ("fd00::2", "[fd00::2]:53"),
+            ("[fd00::2]:5353", "[fd00::2]:5353"),
+        ] {
+            assert_eq!(parse_server(text), Ok(addr.parse().unwrap()), "{text}");
+        }
+        for bad in ["dns.example", "10.0.0.2:", "fd00::2:5353x", ""] {
+            assert!(parse_server(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -24,6 +24,8 @@ pub const TTL: u32 = 30;
 const MIN_UDP: usize = 512;
 /// The EDNS0 buffer size the proxy advertises in its own answers.
 const OUR_EDNS_SIZE: u16 = 1232;
+/// RCODE 3, in the low bits of a header's fourth byte.
+const NXDOMAIN: u8 = 3;
 
 /// Everything a query is answered from; shared by the UDP and TCP loops.
 pub(crate) struct Resolver {
@@ -38,108 +40,18 @@ impl Resolver {
     /// Answers one DNS message. `None`: nothing to send (not a query, or
     /// too short to carry an ID).
     pub(crate) async fn handle(&self, request: &[u8], protocol: Protocol) -> Option<Vec<u8>> {
-        let metrics = &self.metrics;
-        metrics.queries.fetch_add(1, Ordering::Relaxed);
-        if request.len() < 12 || request[2] & 0x80 != 0 {
-            // Too short for a header, or a response: never answer (no
-            // reflection loops).
-            metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
+        let table = self.table.load_full();
+        let step = local_step(
+            table.as_deref(),
+            self.forward_before_table,
+            request,
+            protocol,
+            &self.metrics,
+        );
+        match step {
+            Step::Done(reply) => reply,
+            Step::Forward(message) => self.forward(request, &message, protocol).await,
         }
-        let limit = |message: &Message| match protocol {
-            Protocol::Tcp => u16::MAX as usize,
-            Protocol::Udp => message
-                .edns
-                .as_ref()
-                .map(|e| (e.max_payload() as usize).max(MIN_UDP))
-                .unwrap_or(MIN_UDP),
-        };
-        let message = match Message::from_vec(request) {
-            Ok(message) => message,
-            Err(_) => {
-                metrics.formerr.fetch_add(1, Ordering::Relaxed);
-                let id = u16::from_be_bytes([request[0], request[1]]);
-                let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
-                let mut reply = Message::error_msg(id, op_code, ResponseCode::FormErr);
-                reply.metadata.recursion_desired = request[2] & 0x01 != 0;
-                return reply.to_vec().ok();
-            }
-        };
-        if message.metadata.message_type != MessageType::Query {
-            metrics.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        if message.metadata.op_code != OpCode::Query {
-            metrics.other_errors.fetch_add(1, Ordering::Relaxed);
-            return encode(error(&message, ResponseCode::NotImp), limit(&message));
-        }
-        let Some(query) = message.queries.first() else {
-            metrics.servfail.fetch_add(1, Ordering::Relaxed);
-            return encode(error(&message, ResponseCode::ServFail), limit(&message));
-        };
-        let Some(table) = self.table.load_full() else {
-            if self.forward_before_table {
-                return self.forward(request, &message, protocol).await;
-            }
-            metrics.servfail.fetch_add(1, Ordering::Relaxed);
-            return encode(error(&message, ResponseCode::ServFail), limit(&message));
-        };
-        let qtype = query.query_type();
-        if matches!(qtype, RecordType::A | RecordType::AAAA) {
-            let qname = query.name().to_ascii();
-            if let Some(hit) = table.lookup(&qname) {
-                metrics.answered.fetch_add(1, Ordering::Relaxed);
-                let mut reply = response(&message);
-                reply.metadata.authoritative = true;
-                let owner = match &hit.cname {
-                    Some(target) => {
-                        let mut target = target.clone();
-                        if hit.wildcard {
-                            // `*.x.` reached through a wildcard: the
-                            // target takes the question's first label.
-                            if let Some(rest) = target.strip_prefix('*') {
-                                let first = qname.split('.').next().unwrap_or("");
-                                target = format!("{first}{rest}");
-                            }
-                        }
-                        match Name::from_ascii(&target) {
-                            Ok(target) => {
-                                reply.answers.push(Record::from_rdata(
-                                    query.name().clone(),
-                                    TTL,
-                                    RData::CNAME(CNAME(target.clone())),
-                                ));
-                                target
-                            }
-                            Err(_) => query.name().clone(),
-                        }
-                    }
-                    None => query.name().clone(),
-                };
-                if qtype == RecordType::A {
-                    let mut ips = hit.v4.to_vec();
-                    shuffle(&mut ips);
-                    reply.answers.extend(
-                        ips.into_iter()
-                            .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::A(A(ip)))),
-                    );
-                } else {
-                    let mut ips = hit.v6.to_vec();
-                    shuffle(&mut ips);
-                    reply.answers.extend(
-                        ips.into_iter().map(|ip| {
-                            Record::from_rdata(owner.clone(), TTL, RData::AAAA(AAAA(ip)))
-                        }),
-                    );
-                }
-                return encode(reply, limit(&message)).inspect(|bytes| {
-                    if bytes[2] & 0x02 != 0 {
-                        metrics.truncated.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
-        }
-        self.forward(request, &message, protocol).await
     }
 
     async fn forward(
@@ -148,27 +60,176 @@ impl Resolver {
         message: &Message,
         protocol: Protocol,
     ) -> Option<Vec<u8>> {
-        match self.forwarder.forward(request, protocol).await {
+        let started = Instant::now();
+        let reply = self.forwarder.forward(request, protocol).await;
+        if !self.forwarder.servers.is_empty() {
+            self.metrics.upstream_latency.observe(started.elapsed());
+        }
+        match reply {
             Some(reply) => {
-                self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+                // The header's RCODE (the forwarder returns whole headers).
+                let counter = if reply[3] & 0x0f == NXDOMAIN {
+                    &self.metrics.nxdomain
+                } else {
+                    &self.metrics.forwarded
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 Some(reply)
             }
             None => {
-                self.metrics.servfail.fetch_add(1, Ordering::Relaxed);
                 self.metrics.forward_failed.fetch_add(1, Ordering::Relaxed);
-                encode(error(message, ResponseCode::ServFail), u16::MAX as usize)
+                upstreams_failed(message, &self.metrics)
             }
         }
     }
 }
 
-/// A response header for `request`: same ID, opcode, RD and question.
+/// What becomes of one message before any upstream is asked.
+pub(crate) enum Step {
+    /// Answered (or dropped: `None`) by the proxy itself.
+    Done(Option<Vec<u8>>),
+    /// For the upstreams; the parsed query, for the SERVFAIL if none
+    /// answers.
+    Forward(Message),
+}
+
+/// The part of query handling that needs no network (§5.5 steps 1–5):
+/// drops, errors and table answers are complete here; the rest is to be
+/// forwarded. Counts in `metrics`, except the outcome of a forward.
+pub(crate) fn local_step(
+    table: Option<&LookupTable>,
+    forward_before_table: bool,
+    request: &[u8],
+    protocol: Protocol,
+    metrics: &DnsMetrics,
+) -> Step {
+    use Step::{Done, Forward};
+    metrics.queries.fetch_add(1, Ordering::Relaxed);
+    if request.len() < 12 || request[2] & 0x80 != 0 {
+        // Too short for a header, or a response: never answer (no
+        // reflection loops).
+        metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        return Done(None);
+    }
+    let limit = |message: &Message| match protocol {
+        Protocol::Tcp => u16::MAX as usize,
+        Protocol::Udp => message
+            .edns
+            .as_ref()
+            .map(|e| (e.max_payload() as usize).max(MIN_UDP))
+            .unwrap_or(MIN_UDP),
+    };
+    let message = match Message::from_vec(request) {
+        Ok(message) => message,
+        Err(_) => {
+            metrics.formerr.fetch_add(1, Ordering::Relaxed);
+            let id = u16::from_be_bytes([request[0], request[1]]);
+            let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
+            let mut reply = Message::error_msg(id, op_code, ResponseCode::FormErr);
+            reply.metadata.recursion_desired = request[2] & 0x01 != 0;
+            return Done(reply.to_vec().ok());
+        }
+    };
+    if message.metadata.message_type != MessageType::Query {
+        metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        return Done(None);
+    }
+    if message.metadata.op_code != OpCode::Query {
+        metrics.other_errors.fetch_add(1, Ordering::Relaxed);
+        return Done(encode(
+            error(&message, ResponseCode::NotImp),
+            limit(&message),
+        ));
+    }
+    let Some(query) = message.queries.first() else {
+        metrics.servfail.fetch_add(1, Ordering::Relaxed);
+        return Done(encode(
+            error(&message, ResponseCode::ServFail),
+            limit(&message),
+        ));
+    };
+    let Some(table) = table else {
+        if forward_before_table {
+            return Forward(message);
+        }
+        metrics.servfail.fetch_add(1, Ordering::Relaxed);
+        return Done(encode(
+            error(&message, ResponseCode::ServFail),
+            limit(&message),
+        ));
+    };
+    let qtype = query.query_type();
+    if matches!(qtype, RecordType::A | RecordType::AAAA) {
+        let qname = query.name().to_ascii();
+        if let Some(hit) = table.lookup(&qname) {
+            metrics.answered.fetch_add(1, Ordering::Relaxed);
+            let mut reply = response(&message);
+            reply.metadata.authoritative = true;
+            let owner = match &hit.cname {
+                Some(target) => {
+                    let mut target = target.clone();
+                    if hit.wildcard {
+                        // `*.x.` reached through a wildcard: the
+                        // target takes the question's first label.
+                        if let Some(rest) = target.strip_prefix('*') {
+                            let first = qname.split('.').next().unwrap_or("");
+                            target = format!("{first}{rest}");
+                        }
+                    }
+                    match Name::from_ascii(&target) {
+                        Ok(target) => {
+                            reply.answers.push(Record::from_rdata(
+                                query.name().clone(),
+                                TTL,
+                                RData::CNAME(CNAME(target.clone())),
+                            ));
+                            target
+                        }
+                        Err(_) => query.name().clone(),
+                    }
+                }
+                None => query.name().clone(),
+            };
+            if qtype == RecordType::A {
+                let mut ips = hit.v4.to_vec();
+                shuffle(&mut ips);
+                reply.answers.extend(
+                    ips.into_iter()
+                        .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::A(A(ip)))),
+                );
+            } else {
+                let mut ips = hit.v6.to_vec();
+                shuffle(&mut ips);
+                reply.answers.extend(
+                    ips.into_iter()
+                        .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::AAAA(AAAA(ip)))),
+                );
+            }
+            return Done(encode(reply, limit(&message)).inspect(|bytes| {
+                if bytes[2] & 0x02 != 0 {
+                    metrics.truncated.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    Forward(message)
+}
+
+/// The SERVFAIL for a query no upstream answered.
+pub(crate) fn upstreams_failed(message: &Message, metrics: &DnsMetrics) -> Option<Vec<u8>> {
+    metrics.servfail.fetch_add(1, Ordering::Relaxed);
+    encode(error(message, ResponseCode::ServFail), u16::MAX as usize)
+}
+
+/// A response header for `request`: same ID, opcode, RD and first question
+/// (only that one is answered, as by Istio's `SetReply`; echoing dozens of
+/// others pushed the answer out of a 512-byte UDP reply).
 fn response(request: &Message) -> Message {
     let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
     reply.metadata.recursion_desired = request.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.metadata.checking_disabled = request.metadata.checking_disabled;
-    reply.queries = request.queries.clone();
+    reply.queries = request.queries.iter().take(1).cloned().collect();
     if request.edns.is_some() {
         let mut edns = Edns::new();
         edns.set_max_payload(OUR_EDNS_SIZE);
@@ -561,6 +622,108 @@ mod tests {
         assert_eq!(r.metrics.snapshot().forward_failed, 3);
     }
 
+    /// A UDP upstream answering NXDOMAIN for names under `nowhere.`,
+    /// NOERROR (no records) for the rest.
+    async fn fake_upstream() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, peer) = socket.recv_from(&mut buf).await.unwrap();
+                let query = Message::from_vec(&buf[..n]).unwrap();
+                let nowhere = query.queries[0].name().to_ascii().ends_with("nowhere.");
+                let code = if nowhere {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                };
+                let reply = error(&query, code).to_vec().unwrap();
+                socket.send_to(&reply, peer).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn each_query_has_one_outcome() {
+        let mut r = standard();
+        r.forwarder.servers = vec![fake_upstream().await];
+        let code = |reply: Message| reply.metadata.response_code;
+        let a = |name| query(name, RecordType::A, None);
+        assert_eq!(
+            code(ask(&r, &a("db.example.com."), Protocol::Udp).await),
+            ResponseCode::NoError
+        );
+        assert_eq!(
+            code(ask(&r, &a("www.example.org."), Protocol::Udp).await),
+            ResponseCode::NoError
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                code(ask(&r, &a("x.nowhere."), Protocol::Udp).await),
+                ResponseCode::NXDomain
+            );
+        }
+        let mut truncated = a("db.example.com.");
+        truncated.truncate(14);
+        assert_eq!(
+            code(ask(&r, &truncated, Protocol::Udp).await),
+            ResponseCode::FormErr
+        );
+        let mut notify = a("db.example.com.");
+        notify[2] = (notify[2] & 0x87) | (4 << 3);
+        assert_eq!(
+            code(ask(&r, &notify, Protocol::Udp).await),
+            ResponseCode::NotImp
+        );
+        assert!(r.handle(&[0; 5], Protocol::Udp).await.is_none());
+        let mut empty = Message::query();
+        empty.metadata.id = 9;
+        assert_eq!(
+            code(ask(&r, &empty.to_vec().unwrap(), Protocol::Udp).await),
+            ResponseCode::ServFail
+        );
+
+        let m = r.metrics.snapshot();
+        assert_eq!(
+            (
+                m.answered,
+                m.forwarded,
+                m.nxdomain,
+                m.formerr,
+                m.other_errors,
+                m.dropped,
+                m.servfail
+            ),
+            (1, 1, 2, 1, 1, 1, 1)
+        );
+        let outcomes = m.answered
+            + m.forwarded
+            + m.nxdomain
+            + m.servfail
+            + m.formerr
+            + m.other_errors
+            + m.dropped;
+        assert_eq!(outcomes, m.queries);
+        // Only the three forwarded queries were timed.
+        assert_eq!(m.upstream_latency.count, 3);
+        assert!(m.upstream_latency.sum_seconds > 0.0);
+        assert_eq!(m.forward_failed, 0);
+
+        // Without upstreams: SERVFAIL, and nothing timed.
+        let r = standard();
+        assert_eq!(
+            code(ask(&r, &a("www.example.org."), Protocol::Udp).await),
+            ResponseCode::ServFail
+        );
+        let m = r.metrics.snapshot();
+        assert_eq!(
+            (m.servfail, m.forward_failed, m.upstream_latency.count),
+            (1, 1, 0)
+        );
+    }
+
     #[tokio::test]
     async fn servfail_before_the_first_table() {
         let r = resolver(None);
@@ -631,19 +794,24 @@ mod tests {
         let reply = ask(&r, &message.to_vec().unwrap(), Protocol::Udp).await;
         assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
         for i in 0..50 {
+            let name = match i {
+                0 => "db.example.com.".to_string(),
+                // Names that do not compress into each other: 500 bytes.
+                _ => format!("x{i}.example{i}."),
+            };
             message.add_query(Query::query(
-                Name::from_ascii(if i == 0 {
-                    "db.example.com."
-                } else {
-                    "x.example."
-                })
-                .unwrap(),
+                Name::from_ascii(&name).unwrap(),
                 RecordType::A,
             ));
         }
-        let reply = ask(&r, &message.to_vec().unwrap(), Protocol::Udp).await;
+        let request = message.to_vec().unwrap();
+        assert!(request.len() > 512);
+        let reply = ask(&r, &request, Protocol::Udp).await;
         assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert!(!reply.metadata.truncation);
         assert_eq!(reply.answers.len(), 2);
+        assert_eq!(reply.queries.len(), 1);
+        assert_eq!(reply.queries[0].name().to_ascii(), "db.example.com.");
     }
 
     #[tokio::test]

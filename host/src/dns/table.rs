@@ -60,7 +60,7 @@ impl TableContext {
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
-            domain: "cluster.local".into(),
+            domain: crate::config::DEFAULT_CLUSTER_DOMAIN.into(),
             search: Vec::new(),
         }
     }
@@ -308,6 +308,43 @@ mod tests {
         assert!(t.lookup("example.com.").is_none());
         assert!(t.lookup(".").is_none());
         assert!(t.lookup("").is_none());
+    }
+
+    #[test]
+    fn short_names_follow_the_cluster_domain() {
+        let mut table = reference();
+        table.table.insert(
+            "details.vm-ns.svc.corp.example".into(),
+            info(&["10.0.0.3"], KUBERNETES, "details", "vm-ns"),
+        );
+        let context = TableContext {
+            domain: "corp.example".into(),
+            ..TableContext::new("vm-ns")
+        };
+        let t = LookupTable::build(&table, &context);
+        for name in [
+            "details.",
+            "details.vm-ns.",
+            "details.vm-ns.svc.",
+            "details.vm-ns.svc.corp.example.",
+        ] {
+            assert!(t.entry(name).is_some(), "{name}");
+        }
+        // Under another domain, a Kubernetes host is only its full name.
+        assert!(t.entry("ratings.vm-ns.svc.cluster.local.").is_some());
+        for name in ["ratings.", "ratings.vm-ns.", "ratings.vm-ns.svc."] {
+            assert!(t.entry(name).is_none(), "{name}");
+        }
+        // A domain given with its dots still matches.
+        let dotted = TableContext {
+            domain: ".corp.example.".into(),
+            ..TableContext::new("vm-ns")
+        };
+        assert!(
+            LookupTable::build(&table, &dotted)
+                .entry("details.vm-ns.")
+                .is_some()
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! pkg/bootstrap/config.go), so that istiod, and the stand-in control plane,
 //! see the same node as from a stock `pilot-agent`.
 //!
-//! - `node.id`: `sidecar~<first INSTANCE_IP>~<POD_NAME>.<ns>~<ns>.svc.cluster.local`.
+//! - `node.id`: `sidecar~<first INSTANCE_IP>~<POD_NAME>.<ns>~<ns>.svc.<cluster domain>`
+//!   (`cluster.local` unless configured; never the trust domain).
 //! - `node.cluster`: the service cluster (`ISTIO_SERVICE`), or `<app>.<ns>`,
 //!   `<workload>.<ns>`, `istio-proxy.<ns>` when it is `istio-proxy`.
 //! - `node.locality`: from the `topology.istio.io/locality` (or
@@ -48,9 +49,6 @@ pub const XDS_SOCKET_FILE: &str = "XDS";
 /// Where Istio's VM agent keeps the bootstrap and the XDS socket
 /// (`ProxyConfig.configPath`, `./etc/istio/proxy` with the agent in `/`).
 pub const ISTIO_CONFIG_DIR: &str = "/etc/istio/proxy";
-/// The DNS domain of the node id (`<ns>.svc.cluster.local`); Istio's agent
-/// uses the cluster-local domain whatever the trust domain.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// The Istio version the node claims (`ISTIO_VERSION`), unless
 /// `ISTIO_META_ISTIO_VERSION` says otherwise. istiod gates generated
@@ -384,7 +382,8 @@ fn locality_label(labels: &BTreeMap<String, String>) -> Option<String> {
 /// Envoy's node: who this proxy is to the control plane.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
-    /// `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+    /// `sidecar~<ip>~<pod>.<ns>~<ns>.svc.<cluster domain>`: istiod takes
+    /// the last part as the proxy's DNS domain (short-name virtual hosts).
     pub id: String,
     pub cluster: String,
     pub locality: Locality,
@@ -400,8 +399,8 @@ impl Node {
             .unwrap_or_else(|| options.hostname.clone());
         let ns = &config.namespace;
         let id = format!(
-            "sidecar~{}~{pod_name}.{ns}~{ns}.svc.{CLUSTER_DOMAIN}",
-            options.addresses.primary
+            "sidecar~{}~{pod_name}.{ns}~{ns}.svc.{}",
+            options.addresses.primary, config.cluster_domain
         );
 
         let mut labels = config.labels.clone();
@@ -946,6 +945,11 @@ mod tests {
         assert_eq!(
             node.id,
             "sidecar~2001:db8::12~vm-host.vm-ns~vm-ns.svc.cluster.local"
+        );
+        let other = load("ratings-vm", &[("CLUSTER_DOMAIN", "corp.example")]);
+        assert_eq!(
+            Node::new(&other, &o).id,
+            "sidecar~2001:db8::12~vm-host.vm-ns~vm-ns.svc.corp.example"
         );
         assert_eq!(node.metadata["NAME"], "vm-host");
         assert_eq!(node.metadata["INSTANCE_IPS"], "2001:db8::12,10.0.0.12");

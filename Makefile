@@ -15,7 +15,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns clean
+.PHONY: all build wasm test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
 
 all: build
 
@@ -86,6 +86,13 @@ bench-join:
 ## bench/results/dns.md).
 bench-dns:
 	bench/dns/run.sh
+
+## bench-mesh: VM -> Service requests through both Envoys over mTLS with the meshvm
+## filter on both sides vs plain Envoy-to-Envoy mTLS, side by side (wrk: requests/s,
+## p50/p90/p99), and agent start to first successful request (~3 min; knobs:
+## DURATION RUNS CONNECTIONS JOIN_RUNS; needs wrk, envoy, curl; bench/results/mesh.md).
+bench-mesh: wasm
+	bench/mesh/run.sh
 
 clean:
 	$(CARGO) clean

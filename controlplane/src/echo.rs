@@ -201,8 +201,12 @@ fn respond(conn: &mut TcpStream, status: &str, body: &[u8], close: bool) -> std:
         body.len(),
         if close { "connection: close\r\n" } else { "" }
     );
-    conn.write_all(head.as_bytes())?;
-    conn.write_all(body)?;
+    // One write: head and body in separate segments would meet Nagle and
+    // the peer's delayed ACK (a 40 ms stall per keep-alive response).
+    let mut response = Vec::with_capacity(head.len() + body.len());
+    response.extend_from_slice(head.as_bytes());
+    response.extend_from_slice(body);
+    conn.write_all(&response)?;
     conn.flush()
 }
 
@@ -211,6 +215,7 @@ fn serve_connection(
     app_name: &str,
     seen: &Mutex<Vec<SeenRequest>>,
 ) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
     loop {

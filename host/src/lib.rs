@@ -14,6 +14,7 @@ pub mod ca_client;
 pub mod config;
 pub mod dns;
 pub mod envoy;
+pub mod health;
 pub mod identity;
 pub mod identity_manager;
 pub mod sds;

@@ -208,8 +208,11 @@ mod tests {
         assert_eq!(t.observe(true), Some(true));
     }
 
+    /// Reports with when they were made.
+    type Seen = Arc<Mutex<Vec<(Duration, HealthReport)>>>;
+
     /// A health that records what it would report, and when.
-    fn recorder() -> (Arc<Health>, Arc<Mutex<Vec<(Duration, HealthReport)>>>) {
+    fn recorder() -> (Arc<Health>, Seen) {
         let start = tokio::time::Instant::now();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();

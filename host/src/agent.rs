@@ -8,6 +8,8 @@
 //!    NameTable (when `ISTIO_META_DNS_CAPTURE` is on, or forced).
 //! 4. Envoy's bootstrap is written and Envoy is started and supervised
 //!    (unless Envoy is run by someone else).
+//! 5. The readiness probe (`tcpSocket`, `exec`, `grpc`) runs, and with what
+//!    is posted to `/v1/health` makes the health the xDS proxy reports.
 //!
 //! On shutdown Envoy drains and stops first, then the servers close and
 //! their sockets are removed.
@@ -24,6 +26,8 @@ use crate::ca_client::{CaClient, CaClientOptions};
 use crate::config::Config;
 use crate::dns::{DnsOptions, DnsServer};
 use crate::envoy::{Bootstrap, BootstrapOptions, Supervisor, SupervisorOptions};
+use crate::health::Health;
+use crate::health::probe::{self, Checker, Schedule};
 use crate::identity::{CertStore, KeyAlgorithm};
 use crate::identity_manager::{IdentityManager, IdentityOptions};
 use crate::sds::{SdsServer, WorkloadSecret};
@@ -168,6 +172,13 @@ pub async fn run(
         Supervisor::start(envoy)
     });
 
+    // 5. Health.
+    let health = {
+        let proxy = proxy.clone();
+        Arc::new(Health::new(move |report| proxy.report_health(report)))
+    };
+    let probe_task = start_probe(&config, &health);
+
     let sources = StatusSources {
         identity: manager.subscribe(),
         xds: proxy.status(),
@@ -175,17 +186,24 @@ pub async fn run(
         envoy: supervisor.as_ref().map(Supervisor::subscribe),
         dns: config.dns_capture,
         dns_metrics,
+        health,
     };
     let status_task = tokio::spawn(status::serve(
         status_listener,
         sources,
         stopped(&servers_stopped),
     ));
-    tracing::info!(%status_address, "status server: /healthz/ready, /metrics");
+    tracing::info!(
+        %status_address,
+        "status server: /healthz/ready, /metrics, POST /v1/health"
+    );
 
     tracing::info!(identity = %config.spiffe_id(), "running");
     shutdown.await;
     tracing::info!("shutting down");
+    if let Some(task) = probe_task {
+        task.abort();
+    }
     if let Some(supervisor) = supervisor {
         supervisor.shutdown().await;
     }
@@ -199,4 +217,25 @@ pub async fn run(
     bridge.abort();
     manager.stop().await;
     Ok(())
+}
+
+/// Runs the WorkloadGroup's probe if the agent can: `httpGet` is run by the
+/// filter inside Envoy, which posts the results to `/v1/health`.
+fn start_probe(config: &Config, health: &Arc<Health>) -> Option<tokio::task::JoinHandle<()>> {
+    let readiness = config.readiness_probe.as_ref()?;
+    let Some(checker) = Checker::for_method(&readiness.method) else {
+        tracing::info!("readiness probe httpGet: run by the filter, which posts to /v1/health");
+        return None;
+    };
+    let schedule = Schedule::from_probe(readiness);
+    tracing::info!(
+        probe = ?readiness.method,
+        period = ?schedule.period,
+        timeout = ?schedule.timeout,
+        initial_delay = ?schedule.initial_delay,
+        success_threshold = schedule.success_threshold,
+        failure_threshold = schedule.failure_threshold,
+        "readiness probe: running"
+    );
+    Some(tokio::spawn(probe::run(checker, schedule, health.clone())))
 }

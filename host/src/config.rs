@@ -33,7 +33,9 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 pub use hosts::HostsEntry;
-pub use mesh::{ProbeMethod, ProxyConfig, ReadinessProbe};
+pub use mesh::{
+    ExecProbe, GrpcProbe, HttpGetProbe, ProbeMethod, ProxyConfig, ReadinessProbe, TcpSocketProbe,
+};
 pub use root_cert::{CertificateSummary, RootCerts};
 pub use secret::Secret;
 pub use token::{Claims, IstioToken};

@@ -1,7 +1,11 @@
 //! The agent's status server on 127.0.0.1:15020 (Istio's status port):
 //! `/healthz/ready`, which Envoy's 15021 listener forwards to (so a load
 //! balancer or kubelet-style prober asking Envoy learns whether the whole VM
-//! side is ready), and `/metrics` in Prometheus' text format.
+//! side is ready), `/metrics` in Prometheus' text format, and `POST
+//! /v1/health`, where the Wasm filter inside Envoy (through its `agent`
+//! cluster) posts its probe results and traffic-health transitions. Only
+//! `/healthz/ready` is forwarded by Envoy's listener; the rest is reachable
+//! on loopback only.
 //!
 //! Ready means: a valid workload certificate is held, Envoy answers on its
 //! admin API (when the agent runs Envoy), the xDS proxy has an upstream
@@ -14,15 +18,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::dns::DnsMetrics;
 use crate::envoy::EnvoyStatus;
+use crate::health::{Health, HealthUpdate, MAX_BODY};
 use crate::identity_manager::CurrentIdentity;
 use crate::xds::{NameTableReceiver, XdsStatus};
 
@@ -41,6 +48,8 @@ pub struct StatusSources {
     pub dns: bool,
     /// The running DNS proxy's counters, rendered with the rest.
     pub dns_metrics: Option<Arc<DnsMetrics>>,
+    /// The workload's health: `/v1/health` records into it.
+    pub health: Arc<Health>,
 }
 
 /// Why the agent is not ready (empty: ready).
@@ -154,6 +163,7 @@ pub fn render_metrics(sources: &StatusSources) -> String {
             restarts as f64,
         );
     }
+    sources.health.render(&mut out);
     if let Some(dns) = &sources.dns_metrics {
         dns.render(&mut out);
     }
@@ -167,11 +177,41 @@ async fn metrics(State(sources): State<Arc<StatusSources>>) -> impl IntoResponse
     )
 }
 
+/// `POST /v1/health`: one source's health, as [`HealthUpdate`] JSON. 204
+/// when recorded; 400 saying why when not (nothing changes then).
+async fn post_health(
+    State(sources): State<Arc<StatusSources>>,
+    body: Result<Bytes, BytesRejection>,
+) -> impl IntoResponse {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return bad_request(format!("health update over {MAX_BODY} bytes"));
+        }
+        Err(rejection) => return bad_request(rejection.body_text()),
+    };
+    match HealthUpdate::parse(&body).and_then(|update| sources.health.apply(&update)) {
+        Ok(()) => (StatusCode::NO_CONTENT, String::new()),
+        Err(error) => {
+            tracing::debug!(%error, "refused a health update");
+            bad_request(error.to_string())
+        }
+    }
+}
+
+fn bad_request(message: String) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, message + "\n")
+}
+
 /// The routes.
 pub fn router(sources: StatusSources) -> Router {
     Router::new()
         .route("/healthz/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/health",
+            post(post_health).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
         .with_state(Arc::new(sources))
 }
 
@@ -198,6 +238,7 @@ mod tests {
             envoy: None,
             dns,
             dns_metrics: None,
+            health: Arc::new(Health::new(|_| {})),
         }
     }
 
@@ -237,5 +278,68 @@ mod tests {
             assert!(name.starts_with("meshvm_agent_"), "{line}");
             value.parse::<f64>().unwrap();
         }
+    }
+
+    async fn post(router: &Router, body: impl Into<axum::body::Body>) -> (StatusCode, String) {
+        use tower::ServiceExt as _;
+        let request = axum::http::Request::post("/v1/health")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_posts_are_checked_then_recorded() {
+        let sources = sources(false);
+        let health = sources.health.clone();
+        let router = router(sources.clone());
+
+        for (body, why) in [
+            (
+                "garbage".to_string(),
+                "invalid health update: expected value",
+            ),
+            (r#"{"healthy":1}"#.into(), "expected a boolean"),
+            (r#"{"healthy":true,"x":1}"#.into(), "unknown field `x`"),
+            (
+                r#"{"healthy":true,"source":"a/b"}"#.into(),
+                "invalid source",
+            ),
+            (
+                format!(
+                    r#"{{"healthy":false,"message":"{}"}}"#,
+                    "x".repeat(MAX_BODY)
+                ),
+                "health update over 8192 bytes",
+            ),
+        ] {
+            let (status, text) = post(&router, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+            assert!(text.contains(why), "{text}");
+        }
+        assert_eq!(health.current(), None, "nothing recorded");
+        assert!(health.sources().is_empty());
+
+        let (status, text) = post(&router, r#"{"healthy":false,"message":"db down"}"#).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+        assert_eq!(
+            health.current(),
+            Some(crate::xds::HealthReport::Unhealthy(
+                "filter: db down".into()
+            ))
+        );
+        let metrics = render_metrics(&sources);
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == "meshvm_agent_workload_healthy 0"),
+            "{metrics}"
+        );
     }
 }

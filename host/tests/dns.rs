@@ -185,6 +185,7 @@ impl Proxy {
             envoy: None,
             dns: true,
             dns_metrics: Some(server.metrics()),
+            health: Arc::new(meshvm_agent::health::Health::new(|_| {})),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let status = listener.local_addr().unwrap();

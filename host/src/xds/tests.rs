@@ -528,3 +528,61 @@ async fn no_upstream_without_a_certificate() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(proxy.status().borrow().upstreams_opened, 0);
 }
+
+/// The workload's aggregate health (crate::health) reaches the control
+/// plane on a Delta stream: nothing while no source has spoken, then each
+/// change of the aggregate, unhealthy with code 13 and the failing source.
+#[tokio::test]
+async fn delta_carries_the_aggregate_health_of_posted_sources() {
+    use crate::health::{Health, HealthUpdate};
+
+    let mut s = setup(false).await;
+    let health = {
+        let proxy = s.proxy.clone();
+        Health::new(move |report| proxy.report_health(report))
+    };
+    let mut client = envoy(&s.socket).await;
+    let (to_proxy, rx) = mpsc::channel(16);
+    let _from_proxy = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for type_url in [CDS, LISTENER_TYPE_URL] {
+        to_proxy
+            .send(DeltaDiscoveryRequest {
+                node: Some(node()),
+                type_url: type_url.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut up = next(&mut s.delta, "the upstream stream").await;
+    assert_eq!(next(&mut up.requests, "CDS").await.type_url, CDS);
+    assert_eq!(
+        next(&mut up.requests, "LDS").await.type_url,
+        LISTENER_TYPE_URL
+    );
+
+    // No probe, no post: no HealthInformation.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(up.requests.try_recv().is_err(), "health sent unasked");
+
+    let post = |body: &str| health.apply(&HealthUpdate::parse(body.as_bytes()).unwrap());
+    post(r#"{"healthy":false,"message":"db down"}"#).unwrap();
+    let report = next(&mut up.requests, "the unhealthy report").await;
+    assert_eq!(report.type_url, HEALTH_INFORMATION_TYPE_URL);
+    let detail = report.error_detail.unwrap();
+    assert_eq!(
+        (detail.code, detail.message.as_str()),
+        (13, "filter: db down")
+    );
+
+    // Another healthy source does not make the workload healthy.
+    post(r#"{"healthy":true,"source":"traffic"}"#).unwrap();
+    post(r#"{"healthy":true}"#).unwrap();
+    let report = next(&mut up.requests, "the healthy report").await;
+    assert_eq!(report.type_url, HEALTH_INFORMATION_TYPE_URL);
+    assert!(report.error_detail.is_none(), "{report:?}");
+}

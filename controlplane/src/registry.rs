@@ -44,8 +44,10 @@ use tokio::task::JoinHandle;
 
 use crate::ca::SpiffeId;
 use crate::config::ConfigSnapshot;
-use crate::config::meta::{ObjectKey, format_rfc3339, is_dns_subdomain, parse_rfc3339, random_uid};
-use crate::config::workload_entry::{HEALTHY_CONDITION, WorkloadEntry};
+use crate::config::meta::{
+    ObjectKey, format_rfc3339, format_rfc3339_nano, is_dns_subdomain, parse_rfc3339, random_uid,
+};
+use crate::config::workload_entry::{Condition, HEALTHY_CONDITION, WorkloadEntry};
 use crate::node::ProxyNode;
 use entry::{
     CONNECTED_AT, DISCONNECTED_AT, WORKLOAD_CONTROLLER, accepts_health_reports,
@@ -121,7 +123,7 @@ impl Connection {
     }
 }
 
-/// Why the registry could not be opened.
+/// Why the registry could not be opened, or could not store a change.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("the registry needs a Tokio runtime (open it from within one)")]
@@ -241,7 +243,9 @@ enum Origin {
 struct Overlay {
     /// Connection annotations: a value, or `None` for removed.
     annotations: BTreeMap<String, Option<String>>,
-    health_cleared: bool,
+    /// The `Healthy` condition, if it differs from the config's: a new one,
+    /// or `None` for removed.
+    health: Option<Option<Condition>>,
 }
 
 const OVERLAY_ANNOTATIONS: [&str; 3] = [WORKLOAD_CONTROLLER, CONNECTED_AT, DISCONNECTED_AT];
@@ -351,6 +355,25 @@ impl Registry {
 
     /// Every WorkloadEntry, sorted by namespace and name: the config
     /// directory's (with connection annotations) and the managed ones.
+    /// A health report from the proxy of `connection` (istiod's
+    /// `QueueWorkloadEntryHealth`): sets the entry's `Healthy` condition —
+    /// `True`, or `False` with `message` — if it accepts health reports;
+    /// the probe time is now, the transition time changes with the status.
+    /// Whether the entry changed.
+    pub fn report_health(
+        &self,
+        connection: &Connection,
+        healthy: bool,
+        message: Option<&str>,
+    ) -> Result<bool, RegistryError> {
+        self.inner
+            .report_health(&connection.entry, healthy, message, SystemTime::now())
+            .map_err(|error| RegistryError::StateDir {
+                path: self.inner.store.dir().to_path_buf(),
+                error,
+            })
+    }
+
     pub fn workload_entries(&self) -> Vec<WorkloadEntry> {
         let config = self.inner.config.borrow().clone();
         let state = self.inner.lock();
@@ -424,12 +447,29 @@ fn with_overlay(mut entry: WorkloadEntry, overlay: Option<&Overlay>) -> Workload
             None => entry.metadata.annotations.remove(key),
         };
     }
-    if overlay.health_cleared
-        && let Some(status) = &mut entry.status
-    {
-        status.conditions.retain(|c| c.type_ != HEALTHY_CONDITION);
+    if let Some(health) = &overlay.health {
+        set_health_condition(&mut entry, health.clone());
     }
     entry
+}
+
+fn health_condition(entry: &WorkloadEntry) -> Option<&Condition> {
+    entry
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == HEALTHY_CONDITION)
+}
+
+/// Replaces (or with `None` removes) the entry's `Healthy` condition.
+fn set_health_condition(entry: &mut WorkloadEntry, condition: Option<Condition>) {
+    let status = entry.status.get_or_insert_with(Default::default);
+    status.conditions.retain(|c| c.type_ != HEALTHY_CONDITION);
+    status.conditions.extend(condition);
+    if status.conditions.is_empty() {
+        entry.status = None;
+    }
 }
 
 /// The current version of the entry `key` and where it lives.
@@ -476,14 +516,14 @@ impl Inner {
                 state.stored.insert(key, entry);
             }
             Origin::Config => {
-                let base = config.workload_entries.get(&key);
+                let base = config.workload_entries.get(&key).and_then(health_condition);
+                let health = health_condition(&entry);
                 let overlay = Overlay {
                     annotations: OVERLAY_ANNOTATIONS
                         .iter()
                         .map(|a| (a.to_string(), entry.metadata.annotations.get(*a).cloned()))
                         .collect(),
-                    health_cleared: base.is_some_and(WorkloadEntry::has_health_condition)
-                        && !entry.has_health_condition(),
+                    health: (base != health).then(|| health.cloned()),
                 };
                 state.overlays.insert(key, overlay);
             }
@@ -617,6 +657,50 @@ impl Inner {
             entry: key,
             auto_registered: false,
         }))
+    }
+
+    fn report_health(
+        &self,
+        key: &ObjectKey,
+        healthy: bool,
+        message: Option<&str>,
+        now: SystemTime,
+    ) -> io::Result<bool> {
+        let config = self.config();
+        let mut state = self.lock();
+        let Some((mut entry, origin)) = current(&config, &state, key) else {
+            return Ok(false);
+        };
+        if !accepts_health_reports(&entry) {
+            tracing::debug!(entry = %key, "health report for an entry without health checks: ignored");
+            return Ok(false);
+        }
+        let status = if healthy { "True" } else { "False" };
+        let previous = health_condition(&entry).cloned();
+        let stamp = format_rfc3339_nano(now);
+        let transition = match &previous {
+            Some(p) if p.status == status => p.last_transition_time.clone(),
+            _ => Some(stamp.clone()),
+        };
+        let condition = Condition {
+            type_: HEALTHY_CONDITION.into(),
+            status: status.into(),
+            last_probe_time: Some(stamp),
+            last_transition_time: transition,
+            reason: None,
+            message: (!healthy).then(|| message.unwrap_or("unhealthy").to_string()),
+        };
+        let changed = previous.as_ref().is_none_or(|p| {
+            (p.status.as_str(), p.message.as_deref())
+                != (condition.status.as_str(), condition.message.as_deref())
+        });
+        set_health_condition(&mut entry, Some(condition));
+        self.put(&config, &mut state, origin, entry)?;
+        if changed {
+            tracing::info!(entry = %key, healthy, message, "WorkloadEntry health changed");
+        }
+        self.publish(&config, &state);
+        Ok(changed)
     }
 
     fn count_stream(&self, config: &ConfigSnapshot, state: &mut State, key: &ObjectKey) {

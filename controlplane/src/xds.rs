@@ -13,7 +13,10 @@
 //!    NameTable ([`name_table`]), and Envoy's listeners, clusters and
 //!    endpoints for this proxy ([`envoy`]); each is pushed again when what
 //!    the proxy subscribed to changed. Other types get an empty, valid
-//!    answer; `HealthInformation` never gets an answer.
+//!    answer; `HealthInformation` never gets an answer: it sets the
+//!    `Healthy` condition of the proxy's WorkloadEntry (when health checks
+//!    are enabled on it), which takes the VM out of or back into its
+//!    Services' endpoints.
 //! 3. When the stream ends, the registry is told, which starts the grace
 //!    period of an auto-registered WorkloadEntry.
 
@@ -351,7 +354,17 @@ async fn serve_stream<P: ServerProtocol>(
     let mut request = Some(first);
     loop {
         if let Some(r) = request.take()
-            && !handle::<P>(&inner, &proxy, &config, &current, &mut sent, &tx, r).await
+            && !handle::<P>(
+                &inner,
+                &proxy,
+                connection.as_ref(),
+                &config,
+                &current,
+                &mut sent,
+                &tx,
+                r,
+            )
+            .await
         {
             break;
         }
@@ -424,9 +437,11 @@ async fn admit<P: ServerProtocol>(
 }
 
 /// Answers one request. `false` when the stream is gone.
+#[allow(clippy::too_many_arguments)]
 async fn handle<P: ServerProtocol>(
     inner: &Inner,
     proxy: &Proxy,
+    connection: Option<&crate::registry::Connection>,
     config: &ProxyConfig,
     mesh: &MeshState,
     sent: &mut Sent,
@@ -435,13 +450,16 @@ async fn handle<P: ServerProtocol>(
 ) -> bool {
     let type_url = P::type_url(&request).to_string();
     if type_url == HEALTH_INFORMATION_TYPE_URL {
-        match P::error_detail(&request) {
-            None => tracing::info!(node = %proxy.node.node_id, "ADS: health report: healthy"),
-            Some(error) => tracing::info!(
-                node = %proxy.node.node_id,
-                error,
-                "ADS: health report: unhealthy"
-            ),
+        let error = P::error_detail(&request);
+        tracing::info!(node = %proxy.node.node_id, healthy = error.is_none(), error, "ADS: health report");
+        // Reports go to the entry the stream registered or controls; a
+        // proxy without one (a Pod) has no condition to set.
+        if let Some(connection) = connection
+            && let Err(e) = inner
+                .registry
+                .report_health(connection, error.is_none(), error)
+        {
+            tracing::warn!(entry = %connection.entry(), "ADS: health report not stored: {e}");
         }
         return true;
     }

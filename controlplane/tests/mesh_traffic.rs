@@ -185,6 +185,7 @@ impl Mesh {
 struct Ports {
     admin: u16,
     dns: u16,
+    status: u16,
 }
 
 impl Ports {
@@ -192,6 +193,7 @@ impl Ports {
         Self {
             admin: free_port(),
             dns: free_port(),
+            status: free_port(),
         }
     }
 
@@ -204,7 +206,7 @@ impl Ports {
             "--envoy-prometheus-port",
             "0",
             "--status-listen",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{}", self.status),
             "--dns-listen",
             &format!("127.0.0.1:{}", self.dns),
         ]
@@ -524,5 +526,122 @@ fn services_balance_over_pods_and_vms_with_mtls_identities_and_follow_the_mesh()
 
     assert!(vm1.agent.terminate(), "{}", vm1.agent.log());
     assert!(pod.terminate(), "{}", pod.log());
+    assert!(cp.terminate(), "{}", cp.log());
+}
+
+/// POSTs `body` to the agent's `/v1/health`; the status code.
+fn post_health(ports: &Ports, body: &str) -> u16 {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["-H", "content-type: application/json", "--data", body])
+        .arg(format!("http://127.0.0.1:{}/v1/health", ports.status))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+/// The `Healthy` condition of `entry`, as `get workloadentries` shows it.
+fn healthy_condition(mesh: &Mesh, entry: &str) -> Option<(String, String)> {
+    let out = controlplane()
+        .args(["get", "workloadentries", "-n", "default", "-o", "json"])
+        .arg("--state-dir")
+        .arg(mesh.path("state"))
+        .output()
+        .unwrap();
+    let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let item = list["items"]
+        .as_array()?
+        .iter()
+        .find(|e| e["metadata"]["name"] == entry)?
+        .clone();
+    let condition = item["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Healthy")?
+        .clone();
+    Some((
+        condition["status"].as_str()?.to_string(),
+        condition["message"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+#[test]
+fn a_vm_whose_health_fails_leaves_its_services_and_returns_when_healthy() {
+    let mesh = Mesh::new();
+    // The group gets a probe the agent runs itself: a TCP connect to a
+    // port this test opens and closes.
+    let health_port = free_port();
+    let app = mesh.ip(21, 1);
+    let group = mesh.path("config/product-vm.yaml");
+    let mut text = std::fs::read_to_string(&group).unwrap();
+    text.push_str(&format!(
+        "  probe:\n    periodSeconds: 1\n    timeoutSeconds: 1\n    failureThreshold: 2\n    \
+         tcpSocket: {{host: {app}, port: {health_port}}}\n"
+    ));
+    std::fs::write(&group, text).unwrap();
+    let listener = std::net::TcpListener::bind((app, health_port)).unwrap();
+
+    let mut cp = mesh.start_controlplane();
+    let ports = Ports::new();
+    let mut vm = mesh.start_vm("vm-1", mesh.ip(20, 1), app, VM1_BLOCK, &ports);
+    let entry = format!("product-vm-{}", mesh.ip(20, 1));
+    let endpoint = format!("{}:{}", mesh.ip(20, 1), mesh.vm_port);
+    let cluster = "outbound|9080||product-vm.default.svc.cluster.local";
+    let context = || logs(&[&cp, &vm.agent]);
+
+    // Health-checked: an endpoint only once the first probe said healthy.
+    wait_until("Healthy=True and an endpoint", context, || {
+        healthy_condition(&mesh, &entry).is_some_and(|(s, _)| s == "True")
+            && vm.ports.endpoints(cluster) == [endpoint.clone()]
+    });
+
+    // The probe fails: Healthy=False with the reason, out of the endpoints.
+    drop(listener);
+    wait_until("Healthy=False and no endpoint", context, || {
+        healthy_condition(&mesh, &entry)
+            .is_some_and(|(s, m)| s == "False" && m.contains("agent-probe"))
+            && vm.ports.endpoints(cluster).is_empty()
+    });
+    let listener = std::net::TcpListener::bind((app, health_port)).unwrap();
+    wait_until("healthy again and back", context, || {
+        healthy_condition(&mesh, &entry).is_some_and(|(s, _)| s == "True")
+            && vm.ports.endpoints(cluster) == [endpoint.clone()]
+    });
+
+    // Another source reports through the agent's /v1/health: garbage is
+    // refused and changes nothing; an unhealthy report takes the VM out.
+    assert_eq!(post_health(&ports, "{not json"), 400);
+    assert_eq!(post_health(&ports, r#"{"healthy":"yes"}"#), 400);
+    assert_eq!(healthy_condition(&mesh, &entry).unwrap().0, "True");
+    assert_eq!(
+        post_health(
+            &ports,
+            r#"{"healthy":false,"message":"maintenance","source":"operator"}"#
+        ),
+        204
+    );
+    wait_until("unhealthy by report", context, || {
+        healthy_condition(&mesh, &entry)
+            .is_some_and(|(s, m)| s == "False" && m.contains("maintenance"))
+            && vm.ports.endpoints(cluster).is_empty()
+    });
+    assert_eq!(
+        post_health(&ports, r#"{"healthy":true,"source":"operator"}"#),
+        204
+    );
+    wait_until("healthy by report", context, || {
+        vm.ports.endpoints(cluster) == [endpoint.clone()]
+    });
+
+    drop(listener);
+    assert!(vm.agent.terminate(), "{}", vm.agent.log());
     assert!(cp.terminate(), "{}", cp.log());
 }

@@ -646,3 +646,92 @@ fn shareable_across_streams() {
     // The xDS server awaits `connect` in its stream tasks.
     send(registry.connect(&proxy));
 }
+
+#[tokio::test(start_paused = true)]
+async fn health_reports_set_the_healthy_condition_of_health_checked_entries() {
+    let config = format!(
+        "{GROUP}---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: billing-vm-1
+  namespace: vm-ns
+  annotations: {{proxy.istio.io/health-checks-enabled: \"true\"}}
+spec: {{address: 10.0.0.20, serviceAccount: ratings-sa, labels: {{app: billing}}}}
+"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (registry, _config) = open(tmp.path(), snapshot(&config));
+    let condition = |name: &str| {
+        registry
+            .workload_entry(&key(name))
+            .and_then(|e| health_condition(&e).cloned())
+    };
+
+    // Auto-registered from a group with a probe: no condition until the
+    // first report, so not yet an endpoint (istiod's rule).
+    let connection = registry.connect(&vm("10.0.0.12")).await.unwrap().unwrap();
+    assert_eq!(condition(VM_ENTRY), None);
+    let entry = registry.workload_entry(&key(VM_ENTRY)).unwrap();
+    assert!(!crate::mesh::entry_is_healthy(&entry));
+
+    assert!(
+        registry
+            .report_health(&connection, false, Some("connection refused"))
+            .unwrap()
+    );
+    let unhealthy = condition(VM_ENTRY).unwrap();
+    assert_eq!(unhealthy.status, "False");
+    assert_eq!(unhealthy.message.as_deref(), Some("connection refused"));
+    assert!(unhealthy.last_probe_time.is_some());
+    assert_eq!(unhealthy.last_transition_time, unhealthy.last_probe_time);
+    // Stored, as kubectl would show the status.
+    let stored = fs::read_to_string(
+        tmp.path()
+            .join("workloadentries/vm-ns/ratings-vm-10.0.0.12-vm-network.yaml"),
+    )
+    .unwrap();
+    assert!(stored.contains("message: connection refused"), "{stored}");
+
+    advance(Duration::from_secs(5)).await;
+    assert!(registry.report_health(&connection, true, None).unwrap());
+    let healthy = condition(VM_ENTRY).unwrap();
+    assert_eq!(
+        (healthy.status.as_str(), healthy.message.as_deref()),
+        ("True", None)
+    );
+    assert_ne!(healthy.last_transition_time, unhealthy.last_transition_time);
+    let entry = registry.workload_entry(&key(VM_ENTRY)).unwrap();
+    assert!(crate::mesh::entry_is_healthy(&entry));
+
+    // The same again: the probe time moves, the transition does not.
+    advance(Duration::from_secs(5)).await;
+    assert!(!registry.report_health(&connection, true, None).unwrap());
+    let again = condition(VM_ENTRY).unwrap();
+    assert_eq!(again.last_transition_time, healthy.last_transition_time);
+    registry.disconnect(connection);
+
+    // A config directory entry: the condition is an overlay, the file is
+    // never written.
+    let named = proxy(
+        "10.0.0.20",
+        &[
+            ("AUTO_REGISTER_GROUP", ""),
+            ("WORKLOAD_ENTRY", "billing-vm-1"),
+        ],
+        Some(("vm-ns", "ratings-sa")),
+    );
+    let connection = registry.connect(&named).await.unwrap().unwrap();
+    registry
+        .report_health(&connection, false, Some("db down"))
+        .unwrap();
+    assert_eq!(condition("billing-vm-1").unwrap().status, "False");
+    registry.report_health(&connection, true, None).unwrap();
+    assert_eq!(condition("billing-vm-1").unwrap().status, "True");
+    assert!(
+        !tmp.path()
+            .join("workloadentries/vm-ns/billing-vm-1.yaml")
+            .exists()
+    );
+    registry.disconnect(connection);
+}

@@ -82,7 +82,7 @@ bench-join:
 
 ## bench-dns: the agent's DNS proxy vs dnsmasq serving the same 10,000 names
 ## (dnsperf: queries/s and latency percentiles), and memory with 10k and 100k
-## names (~1 min; knobs: N SECONDS_PER_RUN CLIENTS; needs dnsperf, dnsmasq, dig;
+## names (~2 min; knobs: N SECONDS_PER_RUN CLIENTS RATE; needs dnsperf, dnsmasq, dig;
 ## bench/results/dns.md).
 bench-dns:
 	bench/dns/run.sh

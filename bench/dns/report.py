@@ -17,9 +17,10 @@ def parse(path):
     return qps, lost, noerror, pct(50), pct(99), pct(99.9)
 
 
-(n, big, seconds, clients, dnsmasq_out, agent_out,
+(n, big, seconds, clients, dnsmasq_out, agent_out, rate, dnsmasq_rate_out, agent_rate_out,
  rss_d, rss_a, rss_d_big, rss_a_big, dnsmasq_version, dnsperf_version, cpus) = sys.argv[1:]
 d, a = parse(dnsmasq_out), parse(agent_out)
+dr, ar = parse(dnsmasq_rate_out), parse(agent_rate_out)
 print(f"""# DNS proxy vs dnsmasq
 
 `make bench-dns` (N={n}, {seconds} s per server, {clients} dnsperf clients, one
@@ -33,6 +34,13 @@ name once per pass, A, over UDP; latencies are from every NOERROR answer.
 |---|---:|---:|---:|---:|---:|---:|---:|
 | dnsmasq | {d[0]:.0f} | 1.000 | {d[1]} | {d[2]} | {d[3]:.0f} | {d[4]:.0f} | {d[5]:.0f} |
 | meshvm-agent | {a[0]:.0f} | {a[0] / d[0]:.3f} | {a[1]} | {a[2]} | {a[3]:.0f} | {a[4]:.0f} | {a[5]:.0f} |
+
+At a fixed {int(rate):,} queries/s (`dnsperf -Q {rate}`), not saturated:
+
+| server | queries/s | lost | p50 µs | p99 µs | p99.9 µs |
+|---|---:|---:|---:|---:|---:|
+| dnsmasq | {dr[0]:.0f} | {dr[1]} | {dr[3]:.0f} | {dr[4]:.0f} | {dr[5]:.0f} |
+| meshvm-agent | {ar[0]:.0f} | {ar[1]} | {ar[3]:.0f} | {ar[4]:.0f} | {ar[5]:.0f} |
 
 Resident memory (VmRSS) with the names loaded, before any query for the
 larger table:

@@ -4,7 +4,8 @@
 # latency percentiles come from every answer; then the resident memory of
 # each with N and 10×N names. Writes bench/results/dns.md.
 #
-# Knobs (environment): N=10000 SECONDS_PER_RUN=10 CLIENTS=10. Needs dnsperf,
+# Knobs (environment): N=10000 SECONDS_PER_RUN=10 CLIENTS=10 RATE=20000 (the
+# fixed-rate run). Needs dnsperf,
 # dnsmasq, dig, python3, and a release build (made here with cargo).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +18,7 @@ CARGO_TARGET_DIR=$TARGET_DIR cargo build --quiet --release -p meshvm-agent
 N=${N:-10000}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 CLIENTS=${CLIENTS:-10}
+RATE=${RATE:-20000}
 AGENT=$TARGET_DIR/release/meshvm-agent
 work=$(mktemp -d)
 chmod 755 "$work"
@@ -56,13 +58,16 @@ start_both() { # names → sets dnsmasq_pid agent_pid dnsmasq_port agent_port
   wait_answers "$agent_port" "svc-$((n - 1)).bench.example.com"
 }
 
-perf() { # port queries out
-  dnsperf -s 127.0.0.1 -p "$1" -d "$2" -l "$SECONDS_PER_RUN" -c "$CLIENTS" -T 1 -v >"$3" 2>&1
+perf() { # port queries out [extra dnsperf args]
+  dnsperf -s 127.0.0.1 -p "$1" -d "$2" -l "$SECONDS_PER_RUN" -c "$CLIENTS" -T 1 -v "${@:4}" >"$3" 2>&1
 }
 
 start_both "$N"
 perf "$dnsmasq_port" "$work/$N/queries" "$work/dnsmasq.out"
 perf "$agent_port" "$work/$N/queries" "$work/agent.out"
+# The same at a fixed RATE (queries/s): latency when not saturated.
+perf "$dnsmasq_port" "$work/$N/queries" "$work/dnsmasq-rate.out" -Q "$RATE"
+perf "$agent_port" "$work/$N/queries" "$work/agent-rate.out" -Q "$RATE"
 rss_dnsmasq_n=$(rss_kib "$dnsmasq_pid"); rss_agent_n=$(rss_kib "$agent_pid")
 kill "$dnsmasq_pid" "$agent_pid"; wait "$dnsmasq_pid" "$agent_pid" 2>/dev/null || true
 big=$((N * 10))
@@ -70,7 +75,7 @@ start_both "$big"
 rss_dnsmasq_big=$(rss_kib "$dnsmasq_pid"); rss_agent_big=$(rss_kib "$agent_pid")
 
 python3 bench/dns/report.py "$N" "$big" "$SECONDS_PER_RUN" "$CLIENTS" \
-  "$work/dnsmasq.out" "$work/agent.out" \
+  "$work/dnsmasq.out" "$work/agent.out" "$RATE" "$work/dnsmasq-rate.out" "$work/agent-rate.out" \
   "$rss_dnsmasq_n" "$rss_agent_n" "$rss_dnsmasq_big" "$rss_agent_big" \
   "$(dnsmasq --version | head -1 | awk '{print $3}')" \
   "$(grep -m1 -o 'Version [0-9.]*' "$work/dnsmasq.out" | awk '{print $2}')" "$(nproc)" \

@@ -13,7 +13,7 @@
 
 pub mod vip;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::config::selector::selector_matches;
@@ -158,6 +158,9 @@ pub struct MeshModel {
     pub services: Vec<MeshService>,
     /// Pods first, then WorkloadEntries (config, then registered).
     pub workloads: Vec<Workload>,
+    /// (namespace, address) → the first workload there: every stream looks
+    /// its own workload up on every change.
+    by_address: HashMap<(String, IpAddr), usize>,
 }
 
 impl MeshModel {
@@ -213,19 +216,25 @@ impl MeshModel {
             .values()
             .map(|service| mesh_service(service, &workloads, trust_domain))
             .collect();
+        let mut by_address = HashMap::new();
+        for (index, w) in workloads.iter().enumerate() {
+            by_address
+                .entry((w.namespace.clone(), w.address))
+                .or_insert(index);
+        }
         MeshModel {
             trust_domain: trust_domain.to_string(),
             services,
             workloads,
+            by_address,
         }
     }
 
     /// The workload a proxy runs for: the one at `address` in `namespace`
     /// (a Pod before a WorkloadEntry).
     pub fn workload_at(&self, namespace: &str, address: IpAddr) -> Option<&Workload> {
-        self.workloads
-            .iter()
-            .find(|w| w.namespace == namespace && w.address == address)
+        let index = self.by_address.get(&(namespace.to_string(), address))?;
+        self.workloads.get(*index)
     }
 
     /// The Services that select `workload`.

@@ -225,6 +225,10 @@ impl Sent {
         changed
     }
 
+    fn wants_all(&self, type_url: &str) -> bool {
+        !matches!(self.subscriptions.get(type_url), Some(Some(_)))
+    }
+
     fn wants(&self, type_url: &str, name: &str) -> bool {
         match self.subscriptions.get(type_url) {
             Some(Some(names)) => names.contains(name),
@@ -512,6 +516,17 @@ async fn respond<P: ServerProtocol>(
     always: bool,
 ) -> bool {
     let built = config.built_for(mesh, type_url);
+    // The common case, a push to a wildcard subscription that changed
+    // nothing for this proxy, costs a comparison.
+    if !always
+        && sent.wants_all(type_url)
+        && sent
+            .types
+            .get(type_url)
+            .is_some_and(|(v, _)| *v == built.version)
+    {
+        return true;
+    }
     let resources: Vec<NamedResource> = built
         .resources
         .iter()

@@ -249,3 +249,15 @@ impl ConfigSnapshot {
         )
     }
 }
+
+/// A snapshot of the manifests in `yaml`, for tests; panics on a problem.
+#[cfg(test)]
+pub fn snapshot_of(yaml: &str) -> ConfigSnapshot {
+    let (objects, errors) = parse_manifests(std::path::Path::new("test.yaml"), yaml);
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut snapshot = ConfigSnapshot::default();
+    for (object, source) in objects {
+        snapshot.insert(object, source).unwrap();
+    }
+    snapshot
+}

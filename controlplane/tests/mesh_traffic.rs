@@ -12,12 +12,16 @@
 //! grace period ends, leaves; a Pod added to the config joins and leaves.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use meshvm_controlplane::echo::EchoApp;
+mod common;
+
+use common::{controlplane, copy_testdata_config, serve};
 use meshvm_testing::envoy::{filter_wasm, http_get};
 use meshvm_testing::pki::TestCa;
 use meshvm_testing::process::{Process, cargo_bin, free_port, wait_until};
@@ -31,10 +35,6 @@ const VM_IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/product-vm";
 const VM1_BLOCK: u8 = 100;
 const POD_BLOCK: u8 = 120;
 const VM2_BLOCK: u8 = 140;
-
-fn controlplane() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshvm-controlplane"))
-}
 
 /// The demo mesh in a temporary config dir, with free app ports and
 /// addresses of this run's own (`127.<net>.x.y`), so a run never meets the
@@ -50,22 +50,13 @@ struct Mesh {
 impl Mesh {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config");
-        std::fs::create_dir(&config).unwrap();
         let (pod_port, vm_port) = (free_port(), free_port());
         let net = (free_port() % 90 + 1) as u8;
-        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/demo");
-        for entry in std::fs::read_dir(demo).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                let text = std::fs::read_to_string(&path)
-                    .unwrap()
-                    .replace("9081", &pod_port.to_string())
-                    .replace("9082", &vm_port.to_string())
-                    .replace("127.0.10.", &format!("127.{net}.10."));
-                std::fs::write(config.join(path.file_name().unwrap()), text).unwrap();
-            }
-        }
+        copy_testdata_config("demo", dir.path(), |text| {
+            text.replace("9081", &pod_port.to_string())
+                .replace("9082", &vm_port.to_string())
+                .replace("127.0.10.", &format!("127.{net}.10."))
+        });
         Self {
             dir,
             port: free_port(),
@@ -94,25 +85,12 @@ impl Mesh {
     }
 
     fn start_controlplane(&self) -> Process {
-        let mut command = controlplane();
-        command
-            .arg("serve")
-            .arg("--ca-dir")
-            .arg(self.path("ca"))
-            .arg("--config-dir")
-            .arg(self.path("config"))
-            .arg("--state-dir")
-            .arg(self.path("state"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--grace-period")
-            .arg(format!("{}s", GRACE.as_secs()))
-            .arg("--filter-wasm")
-            .arg(filter_wasm())
-            .env("RUST_LOG", "info");
-        let cp = Process::spawn("meshvm-controlplane", command);
-        cp.wait_for_log("serving the CA and ADS over TLS", 1);
-        cp
+        serve(
+            self.dir.path(),
+            self.port,
+            GRACE,
+            &[OsStr::new("--filter-wasm"), filter_wasm().as_os_str()],
+        )
     }
 
     /// `run-pod product-v1` with its outbound listeners in its own block.

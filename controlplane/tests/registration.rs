@@ -5,12 +5,15 @@
 //! read back with `meshvm-controlplane get workloadentries -o json`, as an
 //! operator would.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use std::net::SocketAddr;
 
+mod common;
+
+use common::{controlplane, copy_testdata_config, serve};
 use meshvm_testing::envoy::http_get;
 use meshvm_testing::process::{Process, cargo_bin, free_port, signal, wait_until};
 use serde_json::Value;
@@ -18,10 +21,6 @@ use serde_json::Value;
 const ENTRY: &str = "ratings-vm-127.0.0.1-vm-network";
 /// Short, so the tests see deletions; restarts below stay well within it.
 const GRACE: Duration = Duration::from_secs(4);
-
-fn controlplane() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshvm-controlplane"))
-}
 
 struct Mesh {
     dir: tempfile::TempDir,
@@ -33,13 +32,7 @@ impl Mesh {
     /// the `ratings-vm` group (address 127.0.0.1, auto-registration).
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config");
-        std::fs::create_dir(&config).unwrap();
-        let mesh = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/controlplane/mesh");
-        for entry in std::fs::read_dir(mesh).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), config.join(entry.file_name())).unwrap();
-        }
+        let config = copy_testdata_config("controlplane/mesh", dir.path(), |text| text);
         let port = free_port();
         let out = controlplane()
             .args(["onboard", "-f"])
@@ -66,23 +59,7 @@ impl Mesh {
     }
 
     fn start_controlplane(&self) -> Process {
-        let mut command = controlplane();
-        command
-            .arg("serve")
-            .arg("--ca-dir")
-            .arg(self.path("ca"))
-            .arg("--config-dir")
-            .arg(self.path("config"))
-            .arg("--state-dir")
-            .arg(self.path("state"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--grace-period")
-            .arg(format!("{}s", GRACE.as_secs()))
-            .env("RUST_LOG", "info");
-        let cp = Process::spawn("meshvm-controlplane", command);
-        cp.wait_for_log("serving the CA and ADS over TLS", 1);
-        cp
+        serve(self.dir.path(), self.port, GRACE, &[])
     }
 
     fn start_agent(&self, env: &[(&str, &str)]) -> Process {

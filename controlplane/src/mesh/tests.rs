@@ -1,17 +1,5 @@
-use std::path::Path;
-
 use super::*;
-use crate::config::parse_manifests;
-
-fn snapshot(yaml: &str) -> ConfigSnapshot {
-    let (objects, errors) = parse_manifests(Path::new("test.yaml"), yaml);
-    assert!(errors.is_empty(), "{errors:?}");
-    let mut snapshot = ConfigSnapshot::default();
-    for (object, source) in objects {
-        snapshot.insert(object, source).unwrap();
-    }
-    snapshot
-}
+use crate::config::snapshot_of as snapshot;
 
 const MESH: &str = r#"
 apiVersion: v1

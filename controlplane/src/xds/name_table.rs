@@ -65,18 +65,7 @@ pub fn build(model: &MeshModel, outbound: &BTreeMap<String, Ipv4Addr>) -> NameTa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigSnapshot, parse_manifests};
-    use std::path::Path;
-
-    fn snapshot(yaml: &str) -> ConfigSnapshot {
-        let (objects, errors) = parse_manifests(Path::new("test.yaml"), yaml);
-        assert!(errors.is_empty(), "{errors:?}");
-        let mut snapshot = ConfigSnapshot::default();
-        for (object, source) in objects {
-            snapshot.insert(object, source).unwrap();
-        }
-        snapshot
-    }
+    use crate::config::snapshot_of as snapshot;
 
     #[test]
     fn services_with_cluster_ips_and_headless_ones() {

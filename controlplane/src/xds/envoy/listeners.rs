@@ -51,25 +51,16 @@ fn listener_name(addr: SocketAddr) -> String {
 /// The listener on the workload's address for one of its ports.
 pub fn inbound(view: &ProxyView, port: &InboundPort, options: &EnvoyOptions) -> Listener {
     let addr = SocketAddr::new(view.address, port.port);
-    let cluster = inbound_cluster_name(port.port);
-    let stat_prefix = format!("inbound_{}", port.port);
-    let filter = if port.protocol.is_http() {
-        http_connection_manager(&stat_prefix, &cluster, Direction::Inbound, options)
-    } else {
-        tcp_proxy(&stat_prefix, &cluster)
-    };
-    Listener {
-        name: listener_name(addr),
-        address: Some(socket_address(addr)),
-        enable_reuse_port: exclusive_port(),
-        traffic_direction: TrafficDirection::Inbound as i32,
-        filter_chains: vec![FilterChain {
-            filters: vec![filter],
-            transport_socket: Some(tls::downstream(port.protocol.is_http())),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    let mut listener = listener(
+        addr,
+        &inbound_cluster_name(port.port),
+        &format!("inbound_{}", port.port),
+        port.protocol.is_http(),
+        Direction::Inbound,
+        options,
+    );
+    listener.filter_chains[0].transport_socket = Some(tls::downstream(port.protocol.is_http()));
+    listener
 }
 
 /// The listener on a Service's loopback address for one of its ports.
@@ -79,19 +70,39 @@ pub fn outbound(
     port: &MeshPort,
     options: &EnvoyOptions,
 ) -> Listener {
-    let addr = SocketAddr::new(vip.into(), port.port);
-    let cluster = service.cluster_name(port.port);
-    let stat_prefix = format!("outbound_{}_{}", port.port, service.hostname);
-    let filter = if port.protocol.is_http() {
-        http_connection_manager(&stat_prefix, &cluster, Direction::Outbound, options)
+    listener(
+        SocketAddr::new(vip.into(), port.port),
+        &service.cluster_name(port.port),
+        &format!("outbound_{}_{}", port.port, service.hostname),
+        port.protocol.is_http(),
+        Direction::Outbound,
+        options,
+    )
+}
+
+/// A listener on `addr` whose one filter chain sends everything to
+/// `cluster`: routed HTTP with the filter, or a TCP proxy.
+fn listener(
+    addr: SocketAddr,
+    cluster: &str,
+    stat_prefix: &str,
+    http: bool,
+    direction: Direction,
+    options: &EnvoyOptions,
+) -> Listener {
+    let filter = if http {
+        http_connection_manager(stat_prefix, cluster, direction, options)
     } else {
-        tcp_proxy(&stat_prefix, &cluster)
+        tcp_proxy(stat_prefix, cluster)
     };
     Listener {
         name: listener_name(addr),
         address: Some(socket_address(addr)),
         enable_reuse_port: exclusive_port(),
-        traffic_direction: TrafficDirection::Outbound as i32,
+        traffic_direction: match direction {
+            Direction::Inbound => TrafficDirection::Inbound,
+            Direction::Outbound => TrafficDirection::Outbound,
+        } as i32,
         filter_chains: vec![FilterChain {
             filters: vec![filter],
             ..Default::default()

@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::{Any, StringValue, Struct, Value, value::
 use prost::Message;
 
 use super::*;
-use crate::config::{ConfigSnapshot, WorkloadEntry, parse_manifests};
+use crate::config::{ConfigSnapshot, WorkloadEntry, parse_manifests, snapshot_of};
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -46,13 +46,7 @@ status: {podIP: 127.0.10.1}
 "#;
 
 fn snapshot() -> ConfigSnapshot {
-    let (objects, errors) = parse_manifests(Path::new("t.yaml"), MESH);
-    assert!(errors.is_empty(), "{errors:?}");
-    let mut snapshot = ConfigSnapshot::default();
-    for (object, source) in objects {
-        snapshot.insert(object, source).unwrap();
-    }
-    snapshot
+    snapshot_of(MESH)
 }
 
 fn vm_entry(address: &str) -> WorkloadEntry {

@@ -116,6 +116,18 @@ impl Mesh {
     /// A VM of the product-vm group at `ip`, its app at `app` on the
     /// group's port, its outbound listeners in `block`.
     fn start_vm(&self, name: &str, ip: IpAddr, app: IpAddr, block: u8, ports: &Ports) -> Vm {
+        self.start_vm_with(name, ip, app, block, ports, &[])
+    }
+
+    fn start_vm_with(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        app: IpAddr,
+        block: u8,
+        ports: &Ports,
+        extra: &[&OsStr],
+    ) -> Vm {
         let onboarding = self.path(&format!("{name}/onboarding"));
         let out = controlplane()
             .args(["onboard", "-f"])
@@ -146,6 +158,7 @@ impl Mesh {
             .arg("--sds-socket")
             .arg(self.path(&format!("{name}/run/sds.sock")))
             .args(ports.agent_args())
+            .args(extra)
             .env("ISTIO_META_MESHVM_APP_ADDRESS", app.addr().ip().to_string())
             .env("ISTIO_META_MESHVM_OUTBOUND_ADDRESSES", self.block(block))
             .env("RUST_LOG", "info");
@@ -620,6 +633,82 @@ fn a_vm_whose_health_fails_leaves_its_services_and_returns_when_healthy() {
     });
 
     drop(listener);
+    assert!(vm.agent.terminate(), "{}", vm.agent.log());
+    assert!(cp.terminate(), "{}", cp.log());
+}
+
+/// An app whose `/health` answers 200 or 503 as the test says.
+fn health_endpoint(addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let healthy = std::sync::Arc::new(AtomicBool::new(true));
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let flag = healthy.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let status = if flag.load(Ordering::Relaxed) {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    healthy
+}
+
+#[test]
+fn the_filter_probes_the_app_from_inside_envoy_and_moves_the_vm_out_and_back() {
+    use std::sync::atomic::Ordering;
+    let mesh = Mesh::new();
+    let health_port = free_port();
+    let app = mesh.ip(21, 1);
+    let group = mesh.path("config/product-vm.yaml");
+    let mut text = std::fs::read_to_string(&group).unwrap();
+    text.push_str(&format!(
+        "  probe:\n    periodSeconds: 1\n    failureThreshold: 2\n    \
+         httpGet: {{path: /health, port: {health_port}}}\n"
+    ));
+    std::fs::write(&group, text).unwrap();
+    let healthy = health_endpoint(SocketAddr::new(app, health_port));
+
+    let mut cp = mesh.start_controlplane();
+    let ports = Ports::new();
+    let wasm = filter_wasm();
+    let mut vm = mesh.start_vm_with(
+        "vm-1",
+        mesh.ip(20, 1),
+        app,
+        VM1_BLOCK,
+        &ports,
+        &[OsStr::new("--filter-wasm"), wasm.as_os_str()],
+    );
+    let entry = format!("product-vm-{}", mesh.ip(20, 1));
+    let endpoint = format!("{}:{}", mesh.ip(20, 1), mesh.vm_port);
+    let cluster = "outbound|9080||product-vm.default.svc.cluster.local";
+    let context = || logs(&[&cp, &vm.agent]);
+
+    wait_until("Healthy=True from the filter's probe", context, || {
+        healthy_condition(&mesh, &entry).is_some_and(|(s, _)| s == "True")
+            && vm.ports.endpoints(cluster) == [endpoint.clone()]
+    });
+    healthy.store(false, Ordering::Relaxed);
+    wait_until("Healthy=False with the probe's status", context, || {
+        healthy_condition(&mesh, &entry)
+            .is_some_and(|(s, m)| s == "False" && m.contains("status 503"))
+            && vm.ports.endpoints(cluster).is_empty()
+    });
+    healthy.store(true, Ordering::Relaxed);
+    wait_until("healthy again", context, || {
+        healthy_condition(&mesh, &entry).is_some_and(|(s, _)| s == "True")
+            && vm.ports.endpoints(cluster) == [endpoint.clone()]
+    });
     assert!(vm.agent.terminate(), "{}", vm.agent.log());
     assert!(cp.terminate(), "{}", cp.log());
 }

@@ -2,8 +2,10 @@
 //!
 //! Inbound, it labels each request with the caller's mesh identity, taken
 //! from the mTLS peer certificate (never from headers the caller sent).
-//! Outbound, it attaches the VM's own Istio peer metadata. See README.md
-//! for the configuration.
+//! Outbound, it attaches the VM's own Istio peer metadata. Loaded as a
+//! singleton service under the root id `meshvm-health`, it probes the app
+//! ([`health`]) and reports to the agent. See README.md for the
+//! configuration.
 //!
 //! The pure logic (SPIFFE IDs, peer metadata, configuration) lives in modules
 //! that build for any target and are tested natively and under
@@ -13,6 +15,7 @@ extern crate alloc;
 
 pub mod base64;
 pub mod config;
+pub mod health;
 pub mod inbound;
 pub mod pairs;
 pub mod pbstruct;

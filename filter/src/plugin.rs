@@ -5,6 +5,7 @@
 //! the trait helpers unwrap and would abort the VM on an unexpected status.
 
 use crate::config::{Direction, FilterConfig, HeaderNames};
+use crate::health::{self, HEALTH_ROOT_ID, HealthConfig, Probe, Tracker};
 use crate::inbound::{self, MetadataMemo};
 use crate::metrics::{self, Counter};
 use crate::pairs;
@@ -14,6 +15,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 /// Reads a property, treating any failure as absent.
 fn property(path: &[&str]) -> Option<Vec<u8>> {
@@ -57,15 +59,180 @@ struct Plugin {
     outbound: Option<OutboundHeaders>,
 }
 
-/// One per plugin configuration (Envoy `root_id`).
+/// One per plugin configuration (Envoy `root_id`): the HTTP filter's, or
+/// the health service's.
 #[derive(Default)]
 pub struct Root {
     plugin: Option<Rc<Plugin>>,
+    health: Option<HealthService>,
 }
 
-impl Context for Root {}
+/// The health service's state (one per Envoy: a singleton).
+struct HealthService {
+    config: HealthConfig,
+    probe: Probe,
+    tracker: Tracker,
+    /// The probe request in flight.
+    probing: Option<u32>,
+    /// The report in flight, and its verdict.
+    reporting: Option<(u32, bool)>,
+    /// The first round has run (the tick period is the probe period now).
+    started: bool,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let Some(health) = self.health.as_mut() else {
+            return;
+        };
+        // No headers: the call failed (timeout, refused, reset); there is
+        // no response map to read.
+        let status = if headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+        };
+        if health.probing == Some(token) {
+            health.probing = None;
+            health.observe(health::outcome(status.as_deref()));
+        } else if let Some((sent, healthy)) = health.reporting
+            && sent == token
+        {
+            health.reporting = None;
+            if !status.as_deref().is_some_and(|s| s.starts_with('2')) {
+                log::warn!(
+                    "meshvm: the agent did not take the health report ({}); sent again next round",
+                    status.as_deref().unwrap_or("no response")
+                );
+                health.tracker.forget(healthy);
+            }
+        }
+    }
+}
+
+impl HealthService {
+    /// Starts a probe round.
+    fn probe(&mut self) {
+        if self.probing.is_some() {
+            return;
+        }
+        let headers: Vec<(&str, &str)> = self
+            .probe
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        match hostcalls::dispatch_http_call(
+            &self.config.app_cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(self.probe.timeout_ms),
+        ) {
+            Ok(token) => self.probing = Some(token),
+            Err(status) => self.observe(Err(format!(
+                "HTTP probe not sent to cluster {}: {status:?}",
+                self.config.app_cluster
+            ))),
+        }
+    }
+
+    fn observe(&mut self, outcome: Result<(), String>) {
+        let healthy = outcome.is_ok();
+        let Some(verdict) = self.tracker.observe(healthy) else {
+            return;
+        };
+        let message = outcome.err();
+        log::info!(
+            "meshvm: workload {}{}",
+            if verdict { "healthy" } else { "unhealthy" },
+            message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+        let body = health::report_body(verdict, message.as_deref(), &self.config.source);
+        let headers = vec![
+            (":method", "POST"),
+            (":path", health::HEALTH_PATH),
+            (":authority", "agent"),
+            ("content-type", "application/json"),
+        ];
+        match hostcalls::dispatch_http_call(
+            &self.config.agent_cluster,
+            headers,
+            Some(&body),
+            vec![],
+            Duration::from_secs(5),
+        ) {
+            Ok(token) => self.reporting = Some((token, verdict)),
+            Err(status) => {
+                log::warn!(
+                    "meshvm: health report not sent to cluster {}: {status:?}",
+                    self.config.agent_cluster
+                );
+                self.tracker.forget(verdict);
+            }
+        }
+    }
+}
+
+impl Root {
+    fn configure_health(&mut self, bytes: &[u8]) -> bool {
+        let config = match HealthConfig::parse(bytes) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("meshvm: invalid health {e}");
+                return false;
+            }
+        };
+        let probe = match config.probe() {
+            Ok(probe) => probe,
+            Err(e) => {
+                log::error!("meshvm: invalid health {e}");
+                return false;
+            }
+        };
+        log::info!(
+            "meshvm: health probe {} every {} ms",
+            probe.headers[1].1,
+            probe.period_ms
+        );
+        // The first round after the initial delay, then every period.
+        let first = probe.initial_delay_ms.max(1);
+        let _ = hostcalls::set_tick_period(Duration::from_millis(first));
+        self.health = Some(HealthService {
+            tracker: Tracker::new(&probe),
+            config,
+            probe,
+            probing: None,
+            reporting: None,
+            started: false,
+        });
+        true
+    }
+}
 
 impl RootContext for Root {
+    fn on_tick(&mut self) {
+        let Some(health) = self.health.as_mut() else {
+            return;
+        };
+        if !health.started {
+            health.started = true;
+            let _ = hostcalls::set_tick_period(Duration::from_millis(health.probe.period_ms));
+        }
+        health.probe();
+    }
+
     fn on_configure(&mut self, _size: usize) -> bool {
         // Log no more than Envoy will print: formatting a message that the
         // host then drops costs a host call on the request path.
@@ -82,6 +249,11 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let is_health =
+            property(&["plugin_root_id"]).is_some_and(|id| id == HEALTH_ROOT_ID.as_bytes());
+        if is_health {
+            return self.configure_health(&bytes);
+        }
         let config = match FilterConfig::parse(&bytes) {
             Ok(config) => config,
             Err(e) => {

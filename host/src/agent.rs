@@ -15,7 +15,7 @@
 //! their sockets are removed.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::ca_client::{CaClient, CaClientOptions};
 use crate::config::Config;
 use crate::dns::{DnsOptions, DnsServer};
-use crate::envoy::{Bootstrap, BootstrapOptions, Supervisor, SupervisorOptions};
+use crate::envoy::{Bootstrap, BootstrapOptions, HealthService, Supervisor, SupervisorOptions};
 use crate::health::Health;
 use crate::health::probe::{self, Checker, Schedule};
 use crate::identity::{CertStore, KeyAlgorithm};
@@ -64,6 +64,17 @@ pub struct AgentOptions {
     pub force_dns: bool,
     /// The DNS proxy's upstream nameservers (empty: those of resolv.conf).
     pub dns_upstreams: Vec<SocketAddr>,
+    /// The meshvm filter, for the health singleton in Envoy (`httpGet`
+    /// probes).
+    pub filter_wasm: Option<PathBuf>,
+}
+
+/// Where the app listens: node metadata `MESHVM_APP_ADDRESS` (as the
+/// control plane reads it for the inbound clusters), else 127.0.0.1.
+fn app_address(env: &BTreeMap<String, String>) -> IpAddr {
+    env.get("ISTIO_META_MESHVM_APP_ADDRESS")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -159,6 +170,12 @@ pub async fn run(
     bootstrap.status_port = options.status_port;
     bootstrap.prometheus_port = options.prometheus_port;
     bootstrap.agent = status_address;
+    if let Some(wasm) = &options.filter_wasm {
+        bootstrap.health_service = Some(HealthService {
+            wasm: wasm.clone(),
+            app_address: app_address(env),
+        });
+    }
     let path = Bootstrap::write(&config, &bootstrap)?;
     tracing::info!(
         path = %path.display(),

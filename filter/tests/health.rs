@@ -8,7 +8,7 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use meshvm_harness::{Harness, Plugin};
+use meshvm_harness::{Harness, HttpRequest, Plugin};
 
 fn harness() -> Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
@@ -187,4 +187,115 @@ fn a_round_in_flight_is_not_doubled_and_bad_configurations_are_refused() {
             plugin.logs()
         );
     }
+}
+
+fn post_bodies(plugin: &mut Plugin) -> Vec<String> {
+    plugin
+        .take_http_calls()
+        .into_iter()
+        .filter(|c| c.cluster == "agent")
+        .map(|c| String::from_utf8(c.body).unwrap())
+        .collect()
+}
+
+#[test]
+fn inbound_filters_count_outcomes_and_the_service_judges_the_window() {
+    // One harness: the health service and a worker's inbound filter share
+    // the VM's queues, as in Envoy.
+    let h = harness();
+    let mut service = h
+        .plugin()
+        .vm_id("meshvm")
+        .root_id("meshvm-health")
+        .cluster("agent")
+        .configuration(r#"{"traffic": {"window_seconds": 10, "min_requests": 10}}"#)
+        .start()
+        .unwrap();
+    assert!(service.configured(), "{:?}", service.logs());
+    let mut filter = h
+        .plugin()
+        .vm_id("meshvm")
+        .root_id("meshvm")
+        .configuration(r#"{"direction": "inbound"}"#)
+        .start()
+        .unwrap();
+    assert_eq!(filter.tick_period(), Some(Duration::from_secs(1)));
+    // The first tick finds the service's queue; from then on outcomes count.
+    filter.advance_and_tick(Duration::from_secs(1)).unwrap();
+    let answer = |filter: &mut Plugin, status: &str| {
+        filter
+            .http_request(HttpRequest::get("/").response_header(":status", status))
+            .unwrap();
+    };
+    for _ in 0..6 {
+        answer(&mut filter, "200");
+    }
+    for _ in 0..6 {
+        answer(&mut filter, "503");
+    }
+    filter.advance_and_tick(Duration::from_secs(1)).unwrap();
+    assert_eq!(h.shared_queue_len("meshvm", "meshvm-traffic"), Some(1));
+    service.deliver_queue_notifications().unwrap();
+    assert_eq!(
+        post_bodies(&mut service),
+        [
+            r#"{"healthy":false,"message":"6 of the last 12 requests failed (5xx or no response) in 10 s","source":"traffic"}"#
+        ]
+    );
+    let token = service.pending_http_calls()[0];
+    service
+        .respond_to_http_call(token, &[(":status", "204")], b"")
+        .unwrap();
+
+    // Healthy traffic: 6 of 32 failed, below the threshold: healthy again.
+    for _ in 0..20 {
+        answer(&mut filter, "200");
+    }
+    filter.advance_and_tick(Duration::from_secs(1)).unwrap();
+    service.deliver_queue_notifications().unwrap();
+    assert_eq!(
+        post_bodies(&mut service),
+        [r#"{"healthy":true,"source":"traffic"}"#]
+    );
+    let token = service.pending_http_calls()[0];
+    service
+        .respond_to_http_call(token, &[(":status", "204")], b"")
+        .unwrap();
+
+    // Failures again, then the window passes with no traffic (the VM is out
+    // of the endpoints): too thin to judge, so it is tried again.
+    // 36 of 62 in the window now.
+    for _ in 0..30 {
+        answer(&mut filter, "500");
+    }
+    filter.advance_and_tick(Duration::from_secs(1)).unwrap();
+    service.deliver_queue_notifications().unwrap();
+    assert_eq!(post_bodies(&mut service).len(), 1);
+    let token = service.pending_http_calls()[0];
+    service
+        .respond_to_http_call(token, &[(":status", "204")], b"")
+        .unwrap();
+    service.advance_and_tick(Duration::from_secs(11)).unwrap();
+    assert_eq!(
+        post_bodies(&mut service),
+        [r#"{"healthy":true,"source":"traffic"}"#]
+    );
+}
+
+#[test]
+fn without_the_service_inbound_filters_count_nothing() {
+    let h = harness();
+    let mut filter = h
+        .plugin()
+        .vm_id("meshvm")
+        .root_id("meshvm")
+        .configuration(r#"{"direction": "inbound"}"#)
+        .start()
+        .unwrap();
+    filter.advance_and_tick(Duration::from_secs(1)).unwrap();
+    filter
+        .http_request(HttpRequest::get("/").response_header(":status", "503"))
+        .unwrap();
+    filter.advance_and_tick(Duration::from_secs(1)).unwrap();
+    assert_eq!(h.shared_queue_len("meshvm", "meshvm-traffic"), None);
 }

@@ -67,6 +67,8 @@ pub struct AgentOptions {
     /// The meshvm filter, for the health singleton in Envoy (`httpGet`
     /// probes).
     pub filter_wasm: Option<PathBuf>,
+    /// With the filter: health from real inbound traffic too.
+    pub traffic_health: bool,
 }
 
 /// Where the app listens: node metadata `MESHVM_APP_ADDRESS` (as the
@@ -174,6 +176,7 @@ pub async fn run(
         bootstrap.health_service = Some(HealthService {
             wasm: wasm.clone(),
             app_address: app_address(env),
+            traffic: options.traffic_health,
         });
     }
     let path = Bootstrap::write(&config, &bootstrap)?;

@@ -75,6 +75,10 @@ enum Command {
         /// the app and posts to /v1/health.
         #[arg(long, value_name = "FILE")]
         filter_wasm: Option<PathBuf>,
+        /// With --filter-wasm: do not judge health from real inbound
+        /// traffic (on by default for a workload with a probe).
+        #[arg(long, requires = "filter_wasm")]
+        no_traffic_health: bool,
         /// Envoy's admin port on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 15000)]
         envoy_admin_port: u16,
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             envoy,
             no_envoy,
             filter_wasm,
+            no_traffic_health,
             envoy_admin_port,
             envoy_status_port,
             envoy_prometheus_port,
@@ -238,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force_dns: dns,
                 dns_upstreams,
                 filter_wasm: filter_wasm.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                traffic_health: !no_traffic_health,
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()

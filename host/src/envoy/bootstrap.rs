@@ -713,6 +713,10 @@ pub struct HealthService {
     /// Where the app listens; the probe's port there is the
     /// [`PROBE_CLUSTER`].
     pub app_address: IpAddr,
+    /// Also judge health from the outcomes of real inbound requests (the
+    /// filter's defaults: unhealthy when half of at least 20 requests in
+    /// 30 s failed).
+    pub traffic: bool,
 }
 
 /// The cluster the health singleton probes the app through.
@@ -720,22 +724,34 @@ pub const PROBE_CLUSTER: &str = "inbound-probe";
 /// The health singleton's root id (the filter's `health::HEALTH_ROOT_ID`).
 pub const HEALTH_ROOT_ID: &str = "meshvm-health";
 
-/// The singleton and its probe cluster, when there is an `httpGet` probe.
-fn health_service(config: &Config, options: &BootstrapOptions) -> Option<(Value, Value)> {
+/// The singleton and, for an `httpGet` probe, its probe cluster. Only for a
+/// workload with a probe (health checks matter only then): the singleton
+/// runs an `httpGet` one, and judges real traffic when that is on.
+fn health_service(config: &Config, options: &BootstrapOptions) -> Option<(Value, Option<Value>)> {
     let service = options.health_service.as_ref()?;
     let probe = config.readiness_probe.as_ref()?;
-    let crate::config::ProbeMethod::HttpGet(get) = &probe.method else {
-        return None;
+    let http_get = match &probe.method {
+        crate::config::ProbeMethod::HttpGet(get) => Some(get),
+        _ => None,
     };
-    // The probe connects to its host when that is an address, else to the
-    // app's address; `host` still goes in the request's authority.
-    let ip = get.host.parse().unwrap_or(service.app_address);
-    let port = u16::try_from(get.port).ok()?;
-    let configuration = json!({
-        "probe": probe,
-        "app_cluster": PROBE_CLUSTER,
-        "agent_cluster": "agent",
-    });
+    if http_get.is_none() && !service.traffic {
+        return None;
+    }
+    let mut configuration = json!({ "app_cluster": PROBE_CLUSTER, "agent_cluster": "agent" });
+    let mut cluster = None;
+    if let Some(get) = http_get {
+        // The probe connects to its host when that is an address, else to
+        // the app's address; `host` still goes in the request's authority.
+        let ip = get.host.parse().unwrap_or(service.app_address);
+        let port = u16::try_from(get.port).ok()?;
+        configuration["probe"] = json!(probe);
+        let mut probe_cluster = local_cluster(PROBE_CLUSTER, SocketAddr::new(ip, port));
+        probe_cluster["connect_timeout"] = "1s".into();
+        cluster = Some(probe_cluster);
+    }
+    if service.traffic {
+        configuration["traffic"] = json!({});
+    }
     let extension = json!({
         "name": "envoy.bootstrap.wasm",
         "typed_config": {
@@ -756,8 +772,6 @@ fn health_service(config: &Config, options: &BootstrapOptions) -> Option<(Value,
             }
         }
     });
-    let mut cluster = local_cluster(PROBE_CLUSTER, SocketAddr::new(ip, port));
-    cluster["connect_timeout"] = "1s".into();
     Some((extension, cluster))
 }
 
@@ -870,7 +884,9 @@ fn render(config: &Config, options: &BootstrapOptions) -> Value {
     });
     if let Some((extension, cluster)) = health_service(config, options) {
         bootstrap["bootstrap_extensions"] = json!([extension]);
-        if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+        if let Some(cluster) = cluster
+            && let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut()
+        {
             clusters.push(cluster);
         }
     }

@@ -351,24 +351,22 @@ async fn serve_stream<P: ServerProtocol>(
 
     let mut mesh = inner.mesh.clone();
     let mut closing = inner.closing.subscribe();
-    let mut sent = Sent::default();
     let mut config = ProxyConfig::new(view);
-    let mut current = mesh.borrow_and_update().clone();
+    let current = mesh.borrow_and_update().clone();
     config.refresh(&current, &inner.envoy);
+    let mut stream = ProxyStream::<P> {
+        inner: &inner,
+        proxy,
+        connection,
+        config,
+        mesh: current,
+        sent: Sent::default(),
+        tx: tx.clone(),
+    };
     let mut request = Some(first);
     loop {
         if let Some(r) = request.take()
-            && !handle::<P>(
-                &inner,
-                &proxy,
-                connection.as_ref(),
-                &config,
-                &current,
-                &mut sent,
-                &tx,
-                r,
-            )
-            .await
+            && !stream.handle(r).await
         {
             break;
         }
@@ -389,14 +387,14 @@ async fn serve_stream<P: ServerProtocol>(
                 if changed.is_err() {
                     break;
                 }
-                current = mesh.borrow_and_update().clone();
-                config.refresh(&current, &inner.envoy);
-                if !push_changes::<P>(&inner, &config, &current, &mut sent, &tx).await {
+                let current = mesh.borrow_and_update().clone();
+                if !stream.update(current).await {
                     break;
                 }
             }
         }
     }
+    let connection = stream.connection.take();
     inner.connections.send_modify(|n| *n -= 1);
     tracing::info!(node = %node_id, "ADS: proxy disconnected");
     if let Some(connection) = connection {
@@ -440,118 +438,117 @@ async fn admit<P: ServerProtocol>(
     Ok((proxy, view, connection))
 }
 
-/// Answers one request. `false` when the stream is gone.
-#[allow(clippy::too_many_arguments)]
-async fn handle<P: ServerProtocol>(
-    inner: &Inner,
-    proxy: &Proxy,
-    connection: Option<&crate::registry::Connection>,
-    config: &ProxyConfig,
-    mesh: &MeshState,
-    sent: &mut Sent,
-    tx: &mpsc::Sender<Result<P::Response, Status>>,
-    request: P::Request,
-) -> bool {
-    let type_url = P::type_url(&request).to_string();
-    if type_url == HEALTH_INFORMATION_TYPE_URL {
-        let error = P::error_detail(&request);
-        tracing::info!(node = %proxy.node.node_id, healthy = error.is_none(), error, "ADS: health report");
-        // Reports go to the entry the stream registered or controls; a
-        // proxy without one (a Pod) has no condition to set.
-        if let Some(connection) = connection
-            && let Err(e) = inner
-                .registry
-                .report_health(connection, error.is_none(), error)
+/// One admitted stream: its proxy, what it asked for and was sent.
+struct ProxyStream<'a, P: ServerProtocol> {
+    inner: &'a Inner,
+    proxy: Proxy,
+    connection: Option<crate::registry::Connection>,
+    config: ProxyConfig,
+    mesh: Arc<MeshState>,
+    sent: Sent,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
+}
+
+impl<P: ServerProtocol> ProxyStream<'_, P> {
+    /// Takes a new mesh: regenerates what changed for this proxy and pushes
+    /// it. `false` when the stream is gone.
+    async fn update(&mut self, mesh: Arc<MeshState>) -> bool {
+        self.mesh = mesh;
+        self.config.refresh(&self.mesh, &self.inner.envoy);
+        let types: Vec<String> = self.sent.types.keys().cloned().collect();
+        for type_url in types {
+            if !self.respond(&type_url, false).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Answers one request. `false` when the stream is gone.
+    async fn handle(&mut self, request: P::Request) -> bool {
+        let type_url = P::type_url(&request).to_string();
+        let node = &self.proxy.node.node_id;
+        if type_url == HEALTH_INFORMATION_TYPE_URL {
+            let error = P::error_detail(&request);
+            tracing::info!(node = %node, healthy = error.is_none(), error, "ADS: health report");
+            // Reports go to the entry the stream registered or controls; a
+            // proxy without one (a Pod) has no condition to set.
+            if let Some(connection) = &self.connection
+                && let Err(e) =
+                    self.inner
+                        .registry
+                        .report_health(connection, error.is_none(), error)
+            {
+                tracing::warn!(entry = %connection.entry(), "ADS: health report not stored: {e}");
+            }
+            return true;
+        }
+        let is_ack = P::is_ack(&request);
+        if let Some(error) = P::error_detail(&request) {
+            tracing::warn!(
+                node = %node,
+                type_url,
+                error,
+                "ADS: the proxy rejected (NACKed) a response"
+            );
+            self.sent.subscribe(&type_url, P::subscription(request));
+            return true;
+        }
+        let subscription_changed = self.sent.subscribe(&type_url, P::subscription(request));
+        // An ACK that also changes what is subscribed (Envoy asking for the
+        // endpoints of new clusters) is a new request.
+        if is_ack && !subscription_changed {
+            return true;
+        }
+        self.respond(&type_url, true).await
+    }
+
+    /// Sends the subscribed resources of `type_url`, unless `always` is
+    /// false and they have not changed since the last response.
+    async fn respond(&mut self, type_url: &str, always: bool) -> bool {
+        let built = self.config.built_for(&self.mesh, type_url);
+        let sent = &mut self.sent;
+        // The common case, a push to a wildcard subscription that changed
+        // nothing for this proxy, costs a comparison.
+        if !always
+            && sent.wants_all(type_url)
+            && sent
+                .types
+                .get(type_url)
+                .is_some_and(|(v, _)| *v == built.version)
         {
-            tracing::warn!(entry = %connection.entry(), "ADS: health report not stored: {e}");
+            return true;
         }
-        return true;
-    }
-    let is_ack = P::is_ack(&request);
-    if let Some(error) = P::error_detail(&request) {
-        tracing::warn!(
-            node = %proxy.node.node_id,
-            type_url,
-            error,
-            "ADS: the proxy rejected (NACKed) a response"
-        );
-        sent.subscribe(&type_url, P::subscription(request));
-        return true;
-    }
-    let subscription_changed = sent.subscribe(&type_url, P::subscription(request));
-    // An ACK that also changes what is subscribed (Envoy asking for the
-    // endpoints of new clusters) is a new request.
-    if is_ack && !subscription_changed {
-        return true;
-    }
-    respond::<P>(inner, config, mesh, sent, tx, &type_url, true).await
-}
-
-/// Re-sends every subscribed type whose content changed.
-async fn push_changes<P: ServerProtocol>(
-    inner: &Inner,
-    config: &ProxyConfig,
-    mesh: &MeshState,
-    sent: &mut Sent,
-    tx: &mpsc::Sender<Result<P::Response, Status>>,
-) -> bool {
-    let types: Vec<String> = sent.types.keys().cloned().collect();
-    for type_url in types {
-        if !respond::<P>(inner, config, mesh, sent, tx, &type_url, false).await {
-            return false;
+        let resources: Vec<NamedResource> = built
+            .resources
+            .iter()
+            .filter(|r| sent.wants(type_url, &r.name))
+            .cloned()
+            .collect();
+        // The version of what this stream gets: a subscription to a few
+        // endpoints does not change when others do.
+        let version = if resources.len() == built.resources.len() {
+            built.version.clone()
+        } else {
+            version_of(&resources)
+        };
+        let previous = sent.types.get(type_url);
+        if !always && previous.is_some_and(|(v, _)| *v == version) {
+            return true;
         }
+        let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
+        let removed: Vec<String> = previous
+            .map(|(_, old)| old.iter().filter(|n| !names.contains(n)).cloned().collect())
+            .unwrap_or_default();
+        let nonce = self
+            .inner
+            .nonces
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        let response = P::response(type_url, &version, &nonce, resources, removed);
+        sent.types.insert(type_url.to_string(), (version, names));
+        self.tx.send(Ok(response)).await.is_ok()
     }
-    true
-}
-
-/// Sends the subscribed resources of `type_url`, unless `always` is false
-/// and they have not changed since the last response.
-async fn respond<P: ServerProtocol>(
-    inner: &Inner,
-    config: &ProxyConfig,
-    mesh: &MeshState,
-    sent: &mut Sent,
-    tx: &mpsc::Sender<Result<P::Response, Status>>,
-    type_url: &str,
-    always: bool,
-) -> bool {
-    let built = config.built_for(mesh, type_url);
-    // The common case, a push to a wildcard subscription that changed
-    // nothing for this proxy, costs a comparison.
-    if !always
-        && sent.wants_all(type_url)
-        && sent
-            .types
-            .get(type_url)
-            .is_some_and(|(v, _)| *v == built.version)
-    {
-        return true;
-    }
-    let resources: Vec<NamedResource> = built
-        .resources
-        .iter()
-        .filter(|r| sent.wants(type_url, &r.name))
-        .cloned()
-        .collect();
-    // The version of what this stream gets: a subscription to a few
-    // endpoints does not change when others do.
-    let version = if resources.len() == built.resources.len() {
-        built.version.clone()
-    } else {
-        version_of(&resources)
-    };
-    let previous = sent.types.get(type_url);
-    if !always && previous.is_some_and(|(v, _)| *v == version) {
-        return true;
-    }
-    let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
-    let removed: Vec<String> = previous
-        .map(|(_, old)| old.iter().filter(|n| !names.contains(n)).cloned().collect())
-        .unwrap_or_default();
-    let nonce = inner.nonces.fetch_add(1, Ordering::Relaxed).to_string();
-    let response = P::response(type_url, &version, &nonce, resources, removed);
-    sent.types.insert(type_url.to_string(), (version, names));
-    tx.send(Ok(response)).await.is_ok()
 }
 
 /// Keeps the mesh model of the config and the registered entries current:

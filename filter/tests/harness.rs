@@ -4,17 +4,11 @@
 
 mod support;
 
+use support::harness;
+
 use meshvm_harness::{Harness, HttpRequest, Plugin, property};
-use std::sync::OnceLock;
 
 const CALLER: &str = "spiffe://cluster.local/ns/payments/sa/ledger";
-
-fn harness() -> Harness {
-    static HARNESS: OnceLock<Harness> = OnceLock::new();
-    HARNESS
-        .get_or_init(|| Harness::load(support::filter_wasm()).expect("load meshvm_filter.wasm"))
-        .isolated()
-}
 
 fn start(config: &str) -> Plugin {
     let plugin = harness()

@@ -5,17 +5,11 @@
 
 mod support;
 
-use std::sync::OnceLock;
+use support::harness;
+
 use std::time::Duration;
 
-use meshvm_harness::{Harness, HttpRequest, Plugin};
-
-fn harness() -> Harness {
-    static HARNESS: OnceLock<Harness> = OnceLock::new();
-    HARNESS
-        .get_or_init(|| Harness::load(support::filter_wasm()).expect("load meshvm_filter.wasm"))
-        .isolated()
-}
+use meshvm_harness::{HttpRequest, Plugin};
 
 fn start(config: &str) -> Plugin {
     harness()
@@ -105,8 +99,7 @@ fn probes_after_the_initial_delay_then_every_period_and_reports_transitions() {
     answer(&mut plugin, probes[0], "200");
     let (_, reports) = calls(&mut plugin);
     assert_eq!(reports, [r#"{"healthy":true,"source":"filter"}"#]);
-    let report_token = plugin.pending_http_calls()[0];
-    answer(&mut plugin, report_token, "204");
+    ack_report(&mut plugin);
 
     // Then every 5 s; still healthy: nothing reported.
     plugin.advance_and_tick(Duration::from_secs(5)).unwrap();
@@ -131,8 +124,7 @@ fn probes_after_the_initial_delay_then_every_period_and_reports_transitions() {
             r#"{"healthy":false,"message":"HTTP probe failed: no response (timeout or connection failure)","source":"filter"}"#
         ]
     );
-    let report_token = plugin.pending_http_calls()[0];
-    answer(&mut plugin, report_token, "204");
+    ack_report(&mut plugin);
 
     // Back: one success is enough (successThreshold 1).
     plugin.advance_and_tick(Duration::from_secs(5)).unwrap();
@@ -189,6 +181,12 @@ fn a_round_in_flight_is_not_doubled_and_bad_configurations_are_refused() {
     }
 }
 
+/// The agent takes the report in flight.
+fn ack_report(plugin: &mut Plugin) {
+    let token = plugin.pending_http_calls()[0];
+    answer(plugin, token, "204");
+}
+
 fn post_bodies(plugin: &mut Plugin) -> Vec<String> {
     plugin
         .take_http_calls()
@@ -242,10 +240,7 @@ fn inbound_filters_count_outcomes_and_the_service_judges_the_window() {
             r#"{"healthy":false,"message":"6 of the last 12 requests failed (5xx or no response) in 10 s","source":"traffic"}"#
         ]
     );
-    let token = service.pending_http_calls()[0];
-    service
-        .respond_to_http_call(token, &[(":status", "204")], b"")
-        .unwrap();
+    ack_report(&mut service);
 
     // Healthy traffic: 6 of 32 failed, below the threshold: healthy again.
     for _ in 0..20 {
@@ -257,10 +252,7 @@ fn inbound_filters_count_outcomes_and_the_service_judges_the_window() {
         post_bodies(&mut service),
         [r#"{"healthy":true,"source":"traffic"}"#]
     );
-    let token = service.pending_http_calls()[0];
-    service
-        .respond_to_http_call(token, &[(":status", "204")], b"")
-        .unwrap();
+    ack_report(&mut service);
 
     // Failures again, then the window passes with no traffic (the VM is out
     // of the endpoints): too thin to judge, so it is tried again.
@@ -271,10 +263,7 @@ fn inbound_filters_count_outcomes_and_the_service_judges_the_window() {
     filter.advance_and_tick(Duration::from_secs(1)).unwrap();
     service.deliver_queue_notifications().unwrap();
     assert_eq!(post_bodies(&mut service).len(), 1);
-    let token = service.pending_http_calls()[0];
-    service
-        .respond_to_http_call(token, &[(":status", "204")], b"")
-        .unwrap();
+    ack_report(&mut service);
     service.advance_and_tick(Duration::from_secs(11)).unwrap();
     assert_eq!(
         post_bodies(&mut service),

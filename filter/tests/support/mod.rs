@@ -5,6 +5,17 @@
 
 pub use meshvm_testing::envoy::filter_wasm;
 
+/// A harness on the built filter: compiled once per test binary, each
+/// caller gets fresh shared data and queues.
+pub fn harness() -> meshvm_harness::Harness {
+    static HARNESS: std::sync::OnceLock<meshvm_harness::Harness> = std::sync::OnceLock::new();
+    HARNESS
+        .get_or_init(|| {
+            meshvm_harness::Harness::load(filter_wasm()).expect("load meshvm_filter.wasm")
+        })
+        .isolated()
+}
+
 /// Istio's peer metadata header value for `fields`, encoded independently of
 /// the filter (prost-types + base64), as an Istio sidecar would send it.
 pub fn istio_peer_metadata(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> String {

@@ -8,6 +8,8 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 WASM_RAW   := $(TARGET_DIR)/wasm32-wasip1/wasm/meshvm_filter.wasm
 # The shipped filter: the release build, further shrunk by binaryen's wasm-opt.
 WASM       := $(TARGET_DIR)/meshvm/meshvm_filter.wasm
+# OCI image layouts of the shipped filter (`make oci`).
+OCI_DIR    := $(TARGET_DIR)/meshvm/oci
 # A guard against size regressions (the filter, the health service and their
 # JSON configuration; no heavy dependencies), not a target.
 WASM_MAX_BYTES := 225280
@@ -17,7 +19,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
+.PHONY: all build wasm oci test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
 
 all: build
 
@@ -32,6 +34,11 @@ wasm:
 	@mv $(WASM).tmp $(WASM)
 	@size=$$(stat -c %s $(WASM)); echo "meshvm_filter.wasm: $$size bytes ($(WASM))"; \
 	  if [ $$size -gt $(WASM_MAX_BYTES) ]; then echo "filter is larger than $(WASM_MAX_BYTES) bytes" >&2; exit 1; fi
+
+## oci: the filter as OCI images for Istio's WasmPlugin, "compat" and "oci" variants
+## (layouts and tarballs in $(TARGET_DIR)/meshvm/oci; reproducible; no container engine).
+oci: wasm
+	python3 scripts/oci_image.py $(WASM) $(OCI_DIR)
 
 ## test: every test — native unit and integration tests (harness, real Envoy), and the
 ## filter's pure logic compiled to wasm32-unknown-unknown under Node.

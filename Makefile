@@ -17,7 +17,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
+.PHONY: all build wasm deb test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
 
 all: build
 
@@ -32,6 +32,12 @@ wasm:
 	@mv $(WASM).tmp $(WASM)
 	@size=$$(stat -c %s $(WASM)); echo "meshvm_filter.wasm: $$size bytes ($(WASM))"; \
 	  if [ $$size -gt $(WASM_MAX_BYTES) ]; then echo "filter is larger than $(WASM_MAX_BYTES) bytes" >&2; exit 1; fi
+
+## deb: the Debian package meshvm-agent_<version>_<arch>.deb (release agent, the
+## filter, a systemd unit; Envoy not included) in $(TARGET_DIR)/meshvm/deb/.
+deb: wasm
+	$(CARGO) build --release -p meshvm-agent
+	scripts/build-deb.sh $(TARGET_DIR)/release/meshvm-agent $(WASM) $(TARGET_DIR)/meshvm/deb
 
 ## test: every test — native unit and integration tests (harness, real Envoy), and the
 ## filter's pure logic compiled to wasm32-unknown-unknown under Node.

@@ -19,7 +19,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm oci test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
+.PHONY: all build wasm oci deb test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
 
 all: build
 
@@ -39,6 +39,12 @@ wasm:
 ## (layouts and tarballs in $(TARGET_DIR)/meshvm/oci; reproducible; no container engine).
 oci: wasm
 	python3 scripts/oci_image.py $(WASM) $(OCI_DIR)
+
+## deb: the Debian package meshvm-agent_<version>_<arch>.deb (release agent, the
+## filter, a systemd unit; Envoy not included) in $(TARGET_DIR)/meshvm/deb/.
+deb: wasm
+	$(CARGO) build --release -p meshvm-agent
+	scripts/build-deb.sh $(TARGET_DIR)/release/meshvm-agent $(WASM) $(TARGET_DIR)/meshvm/deb
 
 ## test: every test — native unit and integration tests (harness, real Envoy), and the
 ## filter's pure logic compiled to wasm32-unknown-unknown under Node.

@@ -313,6 +313,30 @@ mod tests {
     }
 
     #[test]
+    fn onboarding_dir_also_after_run() {
+        // The systemd unit passes every flag after `run` ($MESHVM_ARGS).
+        for argv in [
+            &["meshvm-agent", "--onboarding-dir", "vm", "run"][..],
+            &["meshvm-agent", "run", "--onboarding-dir", "vm"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert_eq!(cli.onboarding_dir, Some(PathBuf::from("vm")), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn version() {
+        let e = Cli::try_parse_from(["meshvm-agent", "--version"])
+            .err()
+            .expect("--version exits");
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string(),
+            format!("meshvm-agent {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    #[test]
     fn dns_flags() {
         let Ok(Command::Run {
             dns_upstreams,

@@ -181,6 +181,16 @@ fn a_round_in_flight_is_not_doubled_and_bad_configurations_are_refused() {
     }
 }
 
+/// A worker's inbound filter in the VM of harness `h`.
+fn inbound_filter(h: &meshvm_harness::Harness) -> Plugin {
+    h.plugin()
+        .vm_id("meshvm")
+        .root_id("meshvm")
+        .configuration(r#"{"direction": "inbound"}"#)
+        .start()
+        .unwrap()
+}
+
 /// The agent takes the report in flight.
 fn ack_report(plugin: &mut Plugin) {
     let token = plugin.pending_http_calls()[0];
@@ -210,13 +220,7 @@ fn inbound_filters_count_outcomes_and_the_service_judges_the_window() {
         .start()
         .unwrap();
     assert!(service.configured(), "{:?}", service.logs());
-    let mut filter = h
-        .plugin()
-        .vm_id("meshvm")
-        .root_id("meshvm")
-        .configuration(r#"{"direction": "inbound"}"#)
-        .start()
-        .unwrap();
+    let mut filter = inbound_filter(&h);
     assert_eq!(filter.tick_period(), Some(Duration::from_secs(1)));
     // The first tick finds the service's queue; from then on outcomes count.
     filter.advance_and_tick(Duration::from_secs(1)).unwrap();
@@ -274,13 +278,7 @@ fn inbound_filters_count_outcomes_and_the_service_judges_the_window() {
 #[test]
 fn without_the_service_inbound_filters_count_nothing() {
     let h = harness();
-    let mut filter = h
-        .plugin()
-        .vm_id("meshvm")
-        .root_id("meshvm")
-        .configuration(r#"{"direction": "inbound"}"#)
-        .start()
-        .unwrap();
+    let mut filter = inbound_filter(&h);
     filter.advance_and_tick(Duration::from_secs(1)).unwrap();
     filter
         .http_request(HttpRequest::get("/").response_header(":status", "503"))

@@ -114,13 +114,7 @@ async fn dig_async(addr: SocketAddr, name: &str, rtype: &str, extra: &[&str]) ->
 }
 
 fn host(ips: &[&str], registry: &str, short: &str, ns: &str) -> NameInfo {
-    NameInfo {
-        ips: ips.iter().map(|s| s.to_string()).collect(),
-        registry: registry.into(),
-        shortname: short.into(),
-        namespace: ns.into(),
-        alt_hosts: Vec::new(),
-    }
+    NameInfo::new(ips, registry, short, ns)
 }
 
 fn mesh_table() -> NameTable {

@@ -37,6 +37,26 @@ pub mod istio {
             /// to the agent's DNS proxy over xDS ([`NAME_TABLE_TYPE_URL`](crate::NAME_TABLE_TYPE_URL)).
             pub mod v1 {
                 tonic::include_proto!("istio.networking.nds.v1");
+
+                impl name_table::NameInfo {
+                    /// A host's entry: its addresses, its registry
+                    /// (`Kubernetes` for Services) and, for Kubernetes, the
+                    /// Service's short name and namespace.
+                    pub fn new(
+                        ips: &[&str],
+                        registry: &str,
+                        shortname: &str,
+                        namespace: &str,
+                    ) -> Self {
+                        Self {
+                            ips: ips.iter().map(|ip| ip.to_string()).collect(),
+                            registry: registry.into(),
+                            shortname: shortname.into(),
+                            namespace: namespace.into(),
+                            alt_hosts: Vec::new(),
+                        }
+                    }
+                }
             }
         }
     }

@@ -211,13 +211,7 @@ mod tests {
     use meshvm_proto::istio::networking::nds::v1::name_table::NameInfo;
 
     fn info(ips: &[&str], registry: &str, short: &str, ns: &str) -> NameInfo {
-        NameInfo {
-            ips: ips.iter().map(|s| s.to_string()).collect(),
-            registry: registry.into(),
-            shortname: short.into(),
-            namespace: ns.into(),
-            alt_hosts: Vec::new(),
-        }
+        NameInfo::new(ips, registry, short, ns)
     }
 
     fn reference() -> NameTable {

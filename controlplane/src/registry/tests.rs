@@ -37,6 +37,16 @@ spec:
     httpGet: {port: 9080, path: /health}
 ";
 
+/// A pre-created entry that accepts health reports.
+const BILLING_ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: billing-vm-1
+  namespace: vm-ns
+  annotations: {proxy.istio.io/health-checks-enabled: \"true\"}
+spec: {address: 10.0.0.20, serviceAccount: ratings-sa}
+";
+
 const GRACE: Duration = Duration::from_secs(10);
 
 fn snapshot(text: &str) -> Arc<ConfigSnapshot> {
@@ -343,14 +353,7 @@ async fn refusals_name_the_cause() {
 async fn pre_created_entries_with_health_checks() {
     let config = format!(
         "{GROUP}---
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: billing-vm-1
-  namespace: vm-ns
-  annotations: {{proxy.istio.io/health-checks-enabled: \"true\"}}
-spec: {{address: 10.0.0.20, serviceAccount: ratings-sa}}
-status:
+{BILLING_ENTRY}status:
   conditions:
   - {{type: Healthy, status: \"True\"}}
 ---
@@ -649,17 +652,7 @@ fn shareable_across_streams() {
 
 #[tokio::test(start_paused = true)]
 async fn health_reports_set_the_healthy_condition_of_health_checked_entries() {
-    let config = format!(
-        "{GROUP}---
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: billing-vm-1
-  namespace: vm-ns
-  annotations: {{proxy.istio.io/health-checks-enabled: \"true\"}}
-spec: {{address: 10.0.0.20, serviceAccount: ratings-sa, labels: {{app: billing}}}}
-"
-    );
+    let config = format!("{GROUP}---\n{BILLING_ENTRY}");
     let tmp = tempfile::tempdir().unwrap();
     let (registry, _config) = open(tmp.path(), snapshot(&config));
     let condition = |name: &str| {

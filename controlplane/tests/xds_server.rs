@@ -245,11 +245,18 @@ async fn a_registered_vm_gets_its_entry_and_the_name_table_and_loses_the_entry_a
         })
         .await
         .unwrap();
-    let response = tokio::time::timeout(LIMIT, stream.responses.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    // The VM's own entry may reach the mesh model after the first listeners
+    // were sent: an updated LDS push can come first.
+    let response = loop {
+        let response = tokio::time::timeout(LIMIT, stream.responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if response.type_url != LDS {
+            break response;
+        }
+    };
     assert_eq!(response.type_url, NAME_TABLE_TYPE_URL);
     let table = NameTable::decode(response.resources[0].value.as_slice()).unwrap();
     let product = &table.table["product.default.svc.cluster.local"];

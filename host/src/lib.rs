@@ -8,7 +8,8 @@
 //! ([`xds`]), keeping the NameTable for the DNS proxy and reporting the
 //! workload's health ([`health`]: its own readiness probe and what the filter
 //! posts to the status server, [`status`]) on that stream, and answers the
-//! mesh's names over DNS ([`dns`]).
+//! mesh's names over DNS ([`dns`]). Wasm filters that the control plane
+//! sends with remote code are fetched and cached first ([`wasm`]).
 
 pub mod address;
 pub mod agent;
@@ -22,4 +23,5 @@ pub mod identity_manager;
 pub mod sds;
 pub mod status;
 pub mod uds;
+pub mod wasm;
 pub mod xds;

@@ -18,7 +18,7 @@ use meshvm_controlplane::registry::{Registry, RegistryOptions};
 use meshvm_controlplane::run_pod::{self, RunPodOptions, RunningPod};
 use meshvm_controlplane::server;
 use meshvm_controlplane::xds::XdsServer;
-use meshvm_controlplane::xds::envoy::EnvoyOptions;
+use meshvm_controlplane::xds::envoy::{EnvoyOptions, FilterSource};
 
 #[derive(Parser)]
 #[command(name = "meshvm-controlplane", version, about)]
@@ -162,11 +162,21 @@ enum Command {
         /// (istiod's MAX_WORKLOAD_CERT_TTL).
         #[arg(long, default_value = "2160h", value_parser = parse_duration)]
         max_cert_ttl: Duration,
-        /// The meshvm filter (`meshvm_filter.wasm`) for the proxies' inbound
-        /// and outbound HTTP listeners, as a path on the proxies' hosts;
-        /// without it, the proxies get plain mTLS.
-        #[arg(long, value_name = "FILE")]
-        filter_wasm: Option<PathBuf>,
+        /// The meshvm filter for the proxies' inbound and outbound HTTP
+        /// listeners: a path on the proxies' hosts (inline in the
+        /// listeners), or an image / http(s) URL (`oci://REGISTRY/REPO:TAG`,
+        /// `…@sha256:…`) sent over ECDS as istiod sends a WasmPlugin, for
+        /// the proxies' agents to fetch. Without it, plain mTLS.
+        #[arg(long, value_name = "FILE|URL")]
+        filter_wasm: Option<String>,
+        /// With an image URL: the digest the agents must verify (a
+        /// WasmPlugin's `sha256`, the image's manifest digest).
+        #[arg(long, value_name = "DIGEST", requires = "filter_wasm")]
+        filter_sha256: Option<String>,
+        /// With an image URL: `IfNotPresent` or `Always` (a WasmPlugin's
+        /// `imagePullPolicy`; default: IfNotPresent, Always for `:latest`).
+        #[arg(long, value_name = "POLICY", requires = "filter_wasm", value_parser = ["IfNotPresent", "Always"])]
+        filter_pull_policy: Option<String>,
     },
     /// Plays a Pod of the config directory on this host: its onboarding
     /// files, its app (the echo app on each container port) and its sidecar
@@ -359,18 +369,13 @@ fn main() -> anyhow::Result<()> {
             default_cert_ttl,
             max_cert_ttl,
             filter_wasm,
+            filter_sha256,
+            filter_pull_policy,
         } => {
-            if let Some(wasm) = &filter_wasm {
-                let magic = std::fs::read(wasm)
-                    .with_context(|| format!("--filter-wasm {}", wasm.display()))?;
-                anyhow::ensure!(
-                    magic.starts_with(b"\0asm"),
-                    "--filter-wasm {}: not a WebAssembly module (no \\0asm magic)",
-                    wasm.display()
-                );
-            }
             let envoy_options = EnvoyOptions {
-                filter_wasm: filter_wasm.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                filter: filter_wasm
+                    .map(|f| filter_source(f, filter_sha256, filter_pull_policy))
+                    .transpose()?,
             };
             anyhow::ensure!(
                 default_cert_ttl <= max_cert_ttl,
@@ -488,4 +493,43 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("the duration must be positive".into());
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// `--filter-wasm`: a URL is sent as is (the agents fetch it; the digest,
+/// when given, must be one); a file must be a WebAssembly module.
+fn filter_source(
+    filter: String,
+    sha256: Option<String>,
+    pull_policy: Option<String>,
+) -> anyhow::Result<FilterSource> {
+    let is_url = ["oci://", "http://", "https://"]
+        .iter()
+        .any(|s| filter.starts_with(s));
+    if is_url {
+        if let Some(digest) = &sha256 {
+            let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+            anyhow::ensure!(
+                hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                "--filter-sha256 {digest}: not a SHA-256 digest (64 hex digits)"
+            );
+        }
+        return Ok(FilterSource::Remote {
+            url: filter,
+            sha256,
+            pull_policy,
+        });
+    }
+    anyhow::ensure!(
+        sha256.is_none() && pull_policy.is_none(),
+        "--filter-sha256 and --filter-pull-policy are for an image URL, not a file"
+    );
+    let path = PathBuf::from(&filter);
+    let magic = std::fs::read(&path).with_context(|| format!("--filter-wasm {filter}"))?;
+    anyhow::ensure!(
+        magic.starts_with(b"\0asm"),
+        "--filter-wasm {filter}: not a WebAssembly module (no \\0asm magic)"
+    );
+    Ok(FilterSource::File(
+        std::path::absolute(&path).unwrap_or(path),
+    ))
 }

@@ -50,7 +50,10 @@ use crate::config::ConfigSnapshot;
 use crate::mesh::MeshModel;
 use crate::node::ProxyNode;
 use crate::registry::{Proxy, Registry};
-use envoy::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, EnvoyOptions, LISTENER_TYPE_URL, ProxyView};
+use envoy::{
+    CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, EXTENSION_CONFIG_TYPE_URL, EnvoyOptions,
+    LISTENER_TYPE_URL, ProxyView,
+};
 use protocol::{Delta, ServerProtocol, Sotw, Subscription};
 
 /// One named resource of a response.
@@ -86,6 +89,9 @@ struct Inner {
     /// The mesh of the current config and registered entries.
     mesh: watch::Receiver<Arc<MeshState>>,
     envoy: EnvoyOptions,
+    /// ECDS: the meshvm filter's configuration when its module is remote
+    /// (the same for every proxy).
+    extension_configs: Arc<Built>,
     nonces: AtomicU64,
     connections: watch::Sender<usize>,
     /// Set when the control plane shuts down: every stream ends.
@@ -110,6 +116,7 @@ impl XdsServer {
                 ca,
                 registry,
                 mesh,
+                extension_configs: Arc::new(Built::new(envoy::extension_configs(&envoy))),
                 envoy,
                 nonces: AtomicU64::new(1),
                 connections: watch::channel(0).0,
@@ -253,10 +260,11 @@ struct ProxyConfig {
     listeners: Arc<Built>,
     clusters: Arc<Built>,
     name_table: Arc<Built>,
+    extension_configs: Arc<Built>,
 }
 
 impl ProxyConfig {
-    fn new(view: ProxyView) -> Self {
+    fn new(view: ProxyView, extension_configs: Arc<Built>) -> Self {
         let empty = Arc::new(Built::default());
         Self {
             view,
@@ -264,6 +272,7 @@ impl ProxyConfig {
             listeners: empty.clone(),
             clusters: empty.clone(),
             name_table: empty,
+            extension_configs,
         }
     }
 
@@ -296,6 +305,7 @@ impl ProxyConfig {
             LISTENER_TYPE_URL => self.listeners.clone(),
             CLUSTER_TYPE_URL => self.clusters.clone(),
             ENDPOINT_TYPE_URL => mesh.endpoints.clone(),
+            EXTENSION_CONFIG_TYPE_URL => self.extension_configs.clone(),
             // Routes are inline, secrets come from the agent; anything else
             // gets an empty, valid answer.
             _ => {
@@ -351,7 +361,7 @@ async fn serve_stream<P: ServerProtocol>(
 
     let mut mesh = inner.mesh.clone();
     let mut closing = inner.closing.subscribe();
-    let mut config = ProxyConfig::new(view);
+    let mut config = ProxyConfig::new(view, inner.extension_configs.clone());
     let current = mesh.borrow_and_update().clone();
     config.refresh(&current, &inner.envoy);
     let mut stream = ProxyStream::<P> {

@@ -32,6 +32,7 @@ use crate::identity::{CertStore, KeyAlgorithm};
 use crate::identity_manager::{IdentityManager, IdentityOptions};
 use crate::sds::{SdsServer, WorkloadSecret};
 use crate::status::{self, StatusSources};
+use crate::wasm::{CacheOptions, ModuleRequest, WasmCache, WasmRewriter};
 use crate::xds::{XdsProxy, XdsProxyOptions};
 
 /// Where things are and what to run.
@@ -65,8 +66,12 @@ pub struct AgentOptions {
     /// The DNS proxy's upstream nameservers (empty: those of resolv.conf).
     pub dns_upstreams: Vec<SocketAddr>,
     /// The meshvm filter, for the health singleton in Envoy (`httpGet`
-    /// probes).
-    pub filter_wasm: Option<PathBuf>,
+    /// probes): a local file, or an `oci://` / `http(s)://` URL fetched
+    /// through the Wasm cache.
+    pub filter_wasm: Option<String>,
+    /// Where and how Wasm modules are fetched and kept (the filter above,
+    /// and every Wasm filter the control plane sends with remote code).
+    pub wasm_cache: CacheOptions,
     /// With the filter: health from real inbound traffic too.
     pub traffic_health: bool,
 }
@@ -117,8 +122,11 @@ pub async fn run(
         .with_context(|| format!("binding the SDS socket {}", options.sds_socket.display()))?;
     let sds_task = tokio::spawn(sds.serve_with_shutdown(stopped(&servers_stopped)));
     let dns_on = config.dns_capture || options.force_dns;
+    let wasm_cache = Arc::new(WasmCache::new(options.wasm_cache.clone()));
+    let purge_task = tokio::spawn(wasm_cache.clone().run_purge());
     let mut xds_options = XdsProxyOptions::from_config(&config);
     xds_options.name_table = dns_on;
+    xds_options.wasm = Some(Arc::new(WasmRewriter::new(wasm_cache.clone())));
     let proxy = XdsProxy::new(xds_options, manager.subscribe());
     let xds_socket = options
         .run_dir
@@ -172,9 +180,10 @@ pub async fn run(
     bootstrap.status_port = options.status_port;
     bootstrap.prometheus_port = options.prometheus_port;
     bootstrap.agent = status_address;
-    if let Some(wasm) = &options.filter_wasm {
+    if let Some(filter) = &options.filter_wasm {
+        let wasm = filter_module(&wasm_cache, filter).await?;
         bootstrap.health_service = Some(HealthService {
-            wasm: wasm.clone(),
+            wasm,
             app_address: app_address(env),
             traffic: options.traffic_health,
         });
@@ -235,8 +244,33 @@ pub async fn run(
         let _ = dns_task.await;
     }
     bridge.abort();
+    purge_task.abort();
     manager.stop().await;
     Ok(())
+}
+
+/// The filter's local file: `filter` itself, or the module it names
+/// (`oci://…`, `http(s)://…`) from the cache, fetched if need be.
+async fn filter_module(cache: &WasmCache, filter: &str) -> anyhow::Result<PathBuf> {
+    if !crate::wasm::is_url(filter) {
+        let path = PathBuf::from(filter);
+        return Ok(std::path::absolute(&path).unwrap_or(path));
+    }
+    let module = cache
+        .get(&ModuleRequest {
+            url: filter.to_string(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("--filter-wasm {filter}"))?;
+    tracing::info!(
+        url = filter,
+        digest = %module.digest,
+        path = %module.path.display(),
+        cached = !module.fetched,
+        "the meshvm filter"
+    );
+    Ok(module.path)
 }
 
 /// Runs the WorkloadGroup's probe if the agent can: `httpGet` is run by the

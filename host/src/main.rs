@@ -13,6 +13,7 @@ use meshvm_agent::envoy;
 use meshvm_agent::identity::{self, KeyAlgorithm};
 use meshvm_agent::sds;
 use meshvm_agent::status;
+use meshvm_agent::wasm::{CacheOptions, ModuleRequest, PullPolicy, Sha256, WasmCache};
 
 /// The meshvm VM agent: joins this VM to an Istio-compatible service mesh.
 #[derive(Parser)]
@@ -70,15 +71,19 @@ enum Command {
         /// agent writes).
         #[arg(long, conflicts_with = "envoy")]
         no_envoy: bool,
-        /// The meshvm filter (`meshvm_filter.wasm`): with a WorkloadGroup
-        /// `httpGet` probe, Envoy runs it as a singleton service that probes
-        /// the app and posts to /v1/health.
-        #[arg(long, value_name = "FILE")]
-        filter_wasm: Option<PathBuf>,
+        /// The meshvm filter: a local `meshvm_filter.wasm`, or an image
+        /// (`oci://REGISTRY/REPO:TAG`, `…@sha256:DIGEST`) or `https://` URL
+        /// fetched into the Wasm cache. With a WorkloadGroup `httpGet`
+        /// probe, Envoy runs it as a singleton service that probes the app
+        /// and posts to /v1/health.
+        #[arg(long, value_name = "FILE|URL")]
+        filter_wasm: Option<String>,
         /// With --filter-wasm: do not judge health from real inbound
         /// traffic (on by default for a workload with a probe).
         #[arg(long, requires = "filter_wasm")]
         no_traffic_health: bool,
+        #[command(flatten)]
+        wasm: WasmArgs,
         /// Envoy's admin port on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 15000)]
         envoy_admin_port: u16,
@@ -120,6 +125,26 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = meshvm_agent::config::parse_forward_timeout)]
         dns_forward_timeout: Option<std::time::Duration>,
     },
+    /// Fetch a Wasm module into the cache, as the agent does for a
+    /// WasmPlugin (to check an image, or to fill the cache of a VM that
+    /// will start without the registry), and print where it is.
+    PullWasm {
+        /// `oci://REGISTRY/REPO:TAG`, `oci://REGISTRY/REPO@sha256:DIGEST`,
+        /// or an `http(s)://` URL.
+        url: String,
+        /// The digest the module must have (a WasmPlugin's `sha256`: the
+        /// image's manifest digest, or the file's for http(s)).
+        #[arg(long, value_name = "DIGEST")]
+        sha256: Option<String>,
+        /// Ask the registry even when the cache has the module.
+        #[arg(long)]
+        always: bool,
+        #[command(flatten)]
+        wasm: WasmArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Yaml)]
+        format: Format,
+    },
     /// Ask the agent's SDS socket for `default` and `ROOTCA`, as Envoy does,
     /// and print what is served (identity, validity, serials; never the key).
     Secrets {
@@ -134,6 +159,36 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
     },
+}
+
+/// Where Wasm modules are kept and which registries are plain HTTP; the
+/// rest comes from Istio's environment (`WASM_MODULE_EXPIRY`,
+/// `WASM_PURGE_INTERVAL`, `WASM_HTTP_REQUEST_TIMEOUT`,
+/// `ISTIO_WASM_MAX_BINARY_SIZE_BYTES`).
+#[derive(clap::Args)]
+struct WasmArgs {
+    /// The Wasm module cache (modules by digest, kept across restarts).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_WASM_CACHE_DIR)]
+    wasm_cache_dir: PathBuf,
+    /// A registry (`host[:port]`, `*` for all) reached over plain HTTP;
+    /// repeatable; added to WASM_INSECURE_REGISTRIES.
+    #[arg(long = "wasm-insecure-registry", value_name = "HOST")]
+    wasm_insecure_registries: Vec<String>,
+}
+
+/// Istio's agent keeps Wasm modules here (`ISTIO_DATA_DIR`).
+const DEFAULT_WASM_CACHE_DIR: &str = "/var/lib/istio/data";
+
+impl WasmArgs {
+    fn cache_options(&self, env: &BTreeMap<String, String>) -> anyhow::Result<CacheOptions> {
+        let mut options = CacheOptions::new(self.wasm_cache_dir.clone())
+            .with_env(env)
+            .map_err(anyhow::Error::msg)?;
+        options
+            .insecure_registries
+            .extend(self.wasm_insecure_registries.iter().cloned());
+        Ok(options)
+    }
 }
 
 fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
@@ -206,6 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_envoy,
             filter_wasm,
             no_traffic_health,
+            wasm,
             envoy_admin_port,
             envoy_status_port,
             envoy_prometheus_port,
@@ -242,8 +298,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dns_listen,
                 force_dns: dns,
                 dns_upstreams,
-                filter_wasm: filter_wasm.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                filter_wasm,
                 traffic_health: !no_traffic_health,
+                wasm_cache: wasm.cache_options(&env)?,
             };
             tracing::info!(identity = %config.spiffe_id(), "starting");
             tokio::runtime::Builder::new_multi_thread()
@@ -252,6 +309,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?
                 .block_on(agent::run(config, &env, options, termination()))?;
+        }
+        Command::PullWasm {
+            url,
+            sha256,
+            always,
+            wasm,
+            format,
+        } => {
+            let checksum = sha256
+                .map(|d| Sha256::parse(&d).map_err(anyhow::Error::msg))
+                .transpose()
+                .context("--sha256")?;
+            let cache = WasmCache::new(wasm.cache_options(&env)?);
+            let request = ModuleRequest {
+                url: url.clone(),
+                checksum,
+                pull_policy: if always {
+                    PullPolicy::Always
+                } else {
+                    PullPolicy::Unspecified
+                },
+                ..Default::default()
+            };
+            let module = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(cache.get(&request))?;
+            #[derive(serde::Serialize)]
+            struct Pulled {
+                url: String,
+                digest: String,
+                path: PathBuf,
+                bytes: u64,
+                from_cache: bool,
+            }
+            let pulled = Pulled {
+                url,
+                digest: module.digest.to_string(),
+                bytes: std::fs::metadata(&module.path)
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                path: module.path,
+                from_cache: !module.fetched,
+            };
+            let text = match format {
+                Format::Yaml => serde_norway::to_string(&pulled)?,
+                Format::Json => serde_json::to_string_pretty(&pulled)? + "\n",
+            };
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .context("writing to stdout")?;
         }
         Command::Secrets {
             sds_socket,

@@ -18,7 +18,7 @@ pub mod image;
 
 use std::fmt;
 
-pub use cache::{CacheOptions, ModuleRequest, PullPolicy, WasmCache};
+pub use cache::{CacheOptions, CachedModule, ModuleRequest, PullPolicy, WasmCache};
 pub use convert::WasmRewriter;
 
 /// The first four bytes of every WebAssembly module.
@@ -26,6 +26,14 @@ pub const WASM_MAGIC: &[u8; 4] = b"\0asm";
 
 /// Istio's limit on a module (`ISTIO_WASM_MAX_BINARY_SIZE_BYTES`, 256 MiB).
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 << 20;
+
+/// Whether `text` names a module by URL (`oci://`, `http://`, `https://`)
+/// rather than as a local file.
+pub fn is_url(text: &str) -> bool {
+    ["oci://", "http://", "https://"]
+        .iter()
+        .any(|scheme| text.starts_with(scheme))
+}
 
 /// A SHA-256 digest, written `sha256:<hex>` as in image references.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

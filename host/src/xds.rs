@@ -43,6 +43,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::identity::random_jitter;
 use crate::identity_manager::{Backoff, CurrentIdentity};
+use crate::wasm::WasmRewriter;
 use protocol::{Delta, Protocol, Sotw};
 use upstream::{UpstreamError, UpstreamOptions};
 
@@ -77,6 +78,9 @@ pub struct XdsProxyOptions {
     pub backoff: Backoff,
     /// Ask for the NameTable (the DNS proxy is on: `ISTIO_META_DNS_CAPTURE`).
     pub name_table: bool,
+    /// Fetch Wasm filters with remote code (ECDS, LDS) and point them at the
+    /// cached file; without it they are forwarded as they are.
+    pub wasm: Option<Arc<WasmRewriter>>,
 }
 
 impl XdsProxyOptions {
@@ -91,6 +95,7 @@ impl XdsProxyOptions {
                 jitter: 0.2,
             },
             name_table: config.dns_capture,
+            wasm: None,
         }
     }
 }
@@ -110,6 +115,10 @@ pub struct XdsStatus {
     pub name_tables_rejected: u64,
     /// Health reports sent.
     pub health_reports_sent: u64,
+    /// Responses whose Wasm filters were rewritten to cached modules.
+    pub wasm_rewritten: u64,
+    /// Responses NACKed because a Wasm module could not be had.
+    pub wasm_rejected: u64,
 }
 
 struct Shared {
@@ -442,6 +451,14 @@ async fn run_upstream<P: Protocol>(
                         }
                         continue;
                     }
+                    let mut response = response;
+                    if let Err(error) = rewrite_wasm::<P>(shared, &mut response).await {
+                        let reject = P::reject(&downstream.subscriptions, &response, error);
+                        if up.send(reject).await.is_err() {
+                            break Ended::Upstream;
+                        }
+                        continue;
+                    }
                     P::track_response(&mut downstream.subscriptions, &response);
                     if to_envoy.send(Ok(response)).await.is_err() {
                         break Ended::Envoy;
@@ -470,6 +487,47 @@ async fn run_upstream<P: Protocol>(
     };
     update_status(shared, |s| s.upstreams -= 1);
     (ended, served)
+}
+
+/// Points the response's remote Wasm code at cached modules. `Err` (the
+/// reason) when a module could not be had: the response must not reach
+/// Envoy, which keeps the filters it runs.
+async fn rewrite_wasm<P: Protocol>(
+    shared: &Shared,
+    response: &mut P::Response,
+) -> Result<(), String> {
+    let Some(rewriter) = shared.options.wasm.as_ref() else {
+        return Ok(());
+    };
+    let type_url = P::response_type_url(response).to_string();
+    if !WasmRewriter::handles(&type_url) {
+        return Ok(());
+    }
+    match rewriter
+        .rewrite(&type_url, P::resources_mut(response))
+        .await
+    {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            tracing::debug!(
+                type_url,
+                filters = n,
+                "xDS proxy: Wasm filters point at cached modules"
+            );
+            update_status(shared, |s| s.wasm_rewritten += 1);
+            Ok(())
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            tracing::error!(
+                type_url,
+                %reason,
+                "xDS proxy: NACKing on Envoy's behalf; Envoy keeps its current filters"
+            );
+            update_status(shared, |s| s.wasm_rejected += 1);
+            Err(reason)
+        }
+    }
 }
 
 /// Takes a NameTable response: `None` to ACK, `Some(reason)` to NACK.

@@ -4,10 +4,9 @@
 //! real registry (Debian's `docker-registry`, pushed and pulled with
 //! `skopeo`) hands back the very manifests and module bytes that were built.
 
-use meshvm_testing::envoy::{filter_wasm, http_get};
-use meshvm_testing::process::{Process, free_port, wait_until};
+use meshvm_testing::envoy::filter_wasm;
+use meshvm_testing::registry::{Registry, missing_tools, sha256, skopeo, tagged_manifest};
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -35,10 +34,6 @@ fn build(wasm: &Path, out: &Path) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
 /// A blob of an OCI layout, checked against the digest that names it.
 fn blob(layout: &Path, digest: &str) -> Vec<u8> {
     let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
@@ -50,18 +45,6 @@ fn blob(layout: &Path, digest: &str) -> Vec<u8> {
         layout.display()
     );
     data
-}
-
-/// The digest of the manifest that `tag` names in a layout's index.json.
-fn tagged_manifest(layout: &Path, tag: &str) -> String {
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let manifests = index["manifests"].as_array().unwrap();
-    let entry = manifests
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap_or_else(|| panic!("no manifest tagged {tag} in {index}"));
-    entry["digest"].as_str().unwrap().to_string()
 }
 
 /// The module inside a compat layer (a tar.gz holding `plugin.wasm`),
@@ -273,58 +256,9 @@ fn bad_input_is_refused_and_writes_nothing() {
     assert_eq!(std::fs::read(out.join("oci/index.json")).unwrap(), index);
 }
 
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
-}
-
-/// Runs skopeo (without a signature policy: these images are unsigned);
-/// returns its stdout.
-fn skopeo(args: &[&str]) -> Vec<u8> {
-    let output = Command::new("skopeo")
-        .arg("--insecure-policy")
-        .args(args)
-        .output()
-        .expect("running skopeo");
-    assert!(
-        output.status.success(),
-        "skopeo {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
-}
-
-/// Debian's docker-registry on a port of its own, storing into `dir`, no auth.
-fn start_registry(dir: &Path) -> (Process, String) {
-    let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("storage").display()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new("docker-registry");
-    command.arg("serve").arg(&config);
-    let registry = Process::spawn("docker-registry", command);
-    let addr = ([127, 0, 0, 1], port).into();
-    wait_until(
-        "the registry's /v2/",
-        || registry.log(),
-        || matches!(http_get(addr, "/v2/"), Ok((200, _))),
-    );
-    (registry, format!("127.0.0.1:{port}"))
-}
-
 #[test]
 fn registry_round_trip() {
-    let missing: Vec<_> = ["skopeo", "docker-registry"]
-        .into_iter()
-        .filter(|tool| !on_path(tool))
-        .collect();
+    let missing = missing_tools();
     if !missing.is_empty() {
         eprintln!(
             "skipped: {} not installed (.ci/run installs them)",
@@ -337,7 +271,8 @@ fn registry_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let built = dir.path().join("built");
     build(&wasm_path, &built);
-    let (_registry, host) = start_registry(dir.path());
+    let registry = Registry::start(dir.path());
+    let host = &registry.host;
 
     for variant in VARIANTS {
         let layout = built.join(variant);

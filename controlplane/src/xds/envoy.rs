@@ -67,10 +67,29 @@ const CONNECT_TIMEOUT_SECS: i64 = 10;
 /// Control plane settings for the generated configuration.
 #[derive(Debug, Clone, Default)]
 pub struct EnvoyOptions {
-    /// The meshvm filter's `.wasm`, as a path on the proxies' hosts; without
-    /// it the listeners carry no Wasm filter (plain mTLS).
-    pub filter_wasm: Option<PathBuf>,
+    /// Where the proxies get the meshvm filter; without it the listeners
+    /// carry no Wasm filter (plain mTLS).
+    pub filter: Option<FilterSource>,
 }
+
+/// Where the proxies' meshvm filter comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterSource {
+    /// A path on the proxies' hosts, inline in the listeners.
+    File(PathBuf),
+    /// An image or http(s) URL, as istiod sends a WasmPlugin: the listeners
+    /// name the filter, ECDS serves it with remote code, and the proxy's
+    /// agent fetches the module and points Envoy at its cached copy.
+    Remote {
+        url: String,
+        /// The WasmPlugin's `sha256` (an image's manifest digest).
+        sha256: Option<String>,
+        /// `IfNotPresent` or `Always` (WasmPlugin `imagePullPolicy`).
+        pull_policy: Option<String>,
+    },
+}
+
+pub use listeners::{EXTENSION_CONFIG_TYPE_URL, extension_configs};
 
 /// What a proxy's configuration depends on besides the mesh: where it
 /// runs, where its app listens, which loopback block its outbound

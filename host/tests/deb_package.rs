@@ -257,6 +257,7 @@ fn install_remove_purge(deb: &Path, tmp: &Path) {
         ("etc/istio/config", 0o755),
         ("var/lib/istio/envoy", 0o755),
         ("var/lib/meshvm", 0o750),
+        ("var/lib/istio/data", 0o750),
     ] {
         let path = root.join(dir);
         assert_eq!(mode(&path), dir_mode, "{dir}");
@@ -273,6 +274,8 @@ fn install_remove_purge(deb: &Path, tmp: &Path) {
     // files and the user.
     std::fs::write(root.join("etc/certs/key.pem"), "key").unwrap();
     std::fs::write(root.join("etc/certs/root-cert.pem"), "root").unwrap();
+    std::fs::create_dir_all(root.join("var/lib/istio/data/0a1b")).unwrap();
+    std::fs::write(root.join("var/lib/istio/data/0a1b/cafe.wasm"), "\0asm").unwrap();
     run(dpkg(&root).args(["-r", "meshvm-agent"]));
     assert!(!root.join("usr/bin/meshvm-agent").exists());
     assert!(root.join("etc/default/meshvm-agent").exists());

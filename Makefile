@@ -19,7 +19,7 @@ WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-glo
 
 export MESHVM_FILTER_WASM := $(WASM)
 
-.PHONY: all build wasm oci deb test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh clean
+.PHONY: all build wasm oci deb test test-native test-wasm-unit lint demo demo-filter bench-filter bench-identity bench-join bench-dns bench-mesh bench-wasm clean
 
 all: build
 
@@ -108,6 +108,12 @@ bench-dns:
 ## DURATION RUNS CONNECTIONS JOIN_RUNS; needs wrk, envoy, curl; bench/results/mesh.md).
 bench-mesh: wasm
 	bench/mesh/run.sh
+
+## bench-wasm: the filter's image (compat and oci) from a local registry into the
+## agent's cache, and from the cache, vs skopeo copy of the same image (hyperfine;
+## writes bench/results/wasm.md).
+bench-wasm: wasm
+	bench/wasm/run.sh
 
 clean:
 	$(CARGO) clean

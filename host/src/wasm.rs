@@ -15,6 +15,7 @@
 pub mod cache;
 pub mod convert;
 pub mod image;
+pub mod reference;
 
 use std::fmt;
 

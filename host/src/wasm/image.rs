@@ -71,8 +71,7 @@ impl Source {
         if reference.is_empty() {
             return Err("no image reference".into());
         }
-        let parsed: Reference = reference
-            .parse()
+        let parsed = super::reference::parse(reference)
             .map_err(|e| format!("not an image reference: {e}"))?;
         if let Some(digest) = parsed.digest() {
             Sha256::parse(digest).map_err(|e| format!("its digest: {e}"))?;

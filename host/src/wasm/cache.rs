@@ -50,7 +50,7 @@ impl PullPolicy {
 }
 
 /// What to fetch.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ModuleRequest {
     /// A WasmPlugin's `url`.
     pub url: String,
@@ -67,6 +67,24 @@ pub struct ModuleRequest {
     pub pull_secret: Option<Vec<u8>>,
     /// How long the fetch may take (the source's `http_uri.timeout`).
     pub timeout: Option<Duration>,
+}
+
+/// Never prints the pull secret.
+impl std::fmt::Debug for ModuleRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleRequest")
+            .field("url", &self.url)
+            .field("checksum", &self.checksum)
+            .field("pull_policy", &self.pull_policy)
+            .field("resource_name", &self.resource_name)
+            .field("resource_version", &self.resource_version)
+            .field(
+                "pull_secret",
+                &self.pull_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Cache settings (Istio's names in brackets).
@@ -224,7 +242,14 @@ impl WasmCache {
             None => self.tag_digest(&dir, tag.as_deref()),
         };
         let cached = match cached_digest {
-            Some(d) => self.lookup(&dir, d)?,
+            Some(d) => {
+                // Reading and hashing a module (up to the size limit) is
+                // blocking work.
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || Self::lookup(&dir, d))
+                    .await
+                    .expect("the cache lookup does not panic")?
+            }
             None => None,
         };
         if !pull && let Some(module) = cached.clone() {
@@ -248,7 +273,7 @@ impl WasmCache {
                 other => break other,
             }
         };
-        let fetched = match fetched {
+        let mut fetched = match fetched {
             Ok(fetched) => fetched,
             Err(e) if e.is_unavailable() => {
                 let Some(module) = cached else { return Err(e) };
@@ -269,7 +294,13 @@ impl WasmCache {
             size: fetched.module.len() as u64,
             variant: fetched.variant.to_string(),
         };
-        let path = self.store(&dir, fetched.digest, &fetched.module, &record)?;
+        let path = {
+            let (dir, digest) = (dir.clone(), fetched.digest);
+            let (module, record) = (std::mem::take(&mut fetched.module), record.clone());
+            tokio::task::spawn_blocking(move || Self::store(&dir, digest, &module, &record))
+                .await
+                .expect("the cache store does not panic")?
+        };
         if let Some(tag) = &tag {
             self.set_tag(&dir, tag, fetched.digest)?;
         }
@@ -310,7 +341,7 @@ impl WasmCache {
 
     /// A cached module that still is what its record says; a damaged one is
     /// removed (and fetched again).
-    fn lookup(&self, dir: &Path, digest: Sha256) -> Result<Option<CachedModule>, WasmError> {
+    fn lookup(dir: &Path, digest: Sha256) -> Result<Option<CachedModule>, WasmError> {
         let path = dir.join(format!("{}.wasm", digest.hex()));
         let record_path = dir.join(format!("{}.json", digest.hex()));
         let (Ok(module), Ok(record)) = (std::fs::read(&path), std::fs::read(&record_path)) else {
@@ -343,7 +374,6 @@ impl WasmCache {
     }
 
     fn store(
-        &self,
         dir: &Path,
         digest: Sha256,
         module: &[u8],
@@ -550,7 +580,7 @@ pub(crate) mod tests_support {
             size: module.len() as u64,
             variant: "oci".into(),
         };
-        cache.store(&dir, digest, module, &record).unwrap();
+        WasmCache::store(&dir, digest, module, &record).unwrap();
         if let Some(tag) = source.tag() {
             cache.set_tag(&dir, &tag, digest).unwrap();
         }
@@ -715,6 +745,20 @@ mod tests {
         assert!(
             e.contains("not `user:password`") && !e.contains("c2VjcmV0"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn requests_never_print_their_pull_secret() {
+        let request = ModuleRequest {
+            url: "oci://r.example/f:1".into(),
+            pull_secret: Some(br#"{"auths":{"r.example":{"auth":"c2VjcmV0OnB3"}}}"#.to_vec()),
+            ..Default::default()
+        };
+        let printed = format!("{request:?}");
+        assert!(
+            printed.contains("<redacted>") && !printed.contains("c2VjcmV0"),
+            "{printed}"
         );
     }
 

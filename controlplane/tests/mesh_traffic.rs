@@ -26,7 +26,7 @@ use meshvm_testing::envoy::{filter_wasm, http_get};
 use meshvm_testing::pki::TestCa;
 use meshvm_testing::process::{Process, cargo_bin, free_port, wait_until};
 use meshvm_testing::registry::{
-    Registry, build_filter_images, missing_tools, sha256, tagged_manifest,
+    Registry, build_filter_images, sha256, skip_without_tools, tagged_manifest,
 };
 use serde_json::Value;
 
@@ -783,12 +783,7 @@ fn the_filter_judges_the_app_from_inside_envoy_and_moves_the_vm_out_and_back() {
 /// the cache.
 #[test]
 fn a_filter_image_reaches_envoy_through_the_agents_cache_and_a_bad_one_changes_nothing() {
-    let missing = missing_tools();
-    if !missing.is_empty() {
-        eprintln!(
-            "skipped: {} not installed (.ci/run installs them)",
-            missing.join(", ")
-        );
+    if skip_without_tools() {
         return;
     }
     const TAG: &str = "0.1.0";

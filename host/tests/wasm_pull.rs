@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use meshvm_testing::envoy::filter_wasm;
 use meshvm_testing::process::{Process, free_port, wait_until};
 use meshvm_testing::registry::{
-    Registry, WASM_LAYER, build_filter_images, missing_tools, sha256, skopeo, tagged_manifest,
+    Registry, WASM_LAYER, build_filter_images, sha256, skip_without_tools, skopeo, tagged_manifest,
     write_wasm_image,
 };
 use serde_json::Value;
@@ -100,12 +100,7 @@ fn assert_module(pulled: &Value, wasm: &[u8], digest: &str, from_cache: bool) {
 
 #[test]
 fn images_are_pulled_verified_cached_and_served_offline() {
-    let missing = missing_tools();
-    if !missing.is_empty() {
-        eprintln!(
-            "skipped: {} not installed (.ci/run installs them)",
-            missing.join(", ")
-        );
+    if skip_without_tools() {
         return;
     }
     let wasm_path = filter_wasm();

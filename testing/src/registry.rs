@@ -33,6 +33,19 @@ pub fn missing_tools() -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether a test needing the registry tools must be skipped; says so on
+/// stderr when it must.
+pub fn skip_without_tools() -> bool {
+    let missing = missing_tools();
+    if !missing.is_empty() {
+        eprintln!(
+            "skipped: {} not installed (.ci/run installs them)",
+            missing.join(", ")
+        );
+    }
+    !missing.is_empty()
+}
+
 /// Runs skopeo (without a signature policy: these images are unsigned);
 /// returns its stdout, panicking with its stderr on failure.
 pub fn skopeo(args: &[&str]) -> Vec<u8> {

@@ -5,7 +5,7 @@
 //! `skopeo`) hands back the very manifests and module bytes that were built.
 
 use meshvm_testing::envoy::filter_wasm;
-use meshvm_testing::registry::{Registry, missing_tools, sha256, skopeo, tagged_manifest};
+use meshvm_testing::registry::{Registry, sha256, skip_without_tools, skopeo, tagged_manifest};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -258,12 +258,7 @@ fn bad_input_is_refused_and_writes_nothing() {
 
 #[test]
 fn registry_round_trip() {
-    let missing = missing_tools();
-    if !missing.is_empty() {
-        eprintln!(
-            "skipped: {} not installed (.ci/run installs them)",
-            missing.join(", ")
-        );
+    if skip_without_tools() {
         return;
     }
     let wasm_path = filter_wasm();

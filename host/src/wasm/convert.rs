@@ -199,36 +199,37 @@ impl WasmRewriter {
         filter: &str,
         typed: &mut Any,
     ) -> Result<bool, ConvertError> {
-        let decode_error = |error| ConvertError::Decode {
-            kind: "Wasm filter",
-            resource: format!("{resource}/{filter}"),
-            error,
-        };
         match typed.type_url.as_str() {
             WASM_HTTP_FILTER_TYPE_URL => {
-                let mut wasm = HttpWasm::decode(typed.value.as_slice()).map_err(decode_error)?;
-                let Some(config) = wasm.config.as_mut() else {
-                    return Ok(false);
-                };
-                if !self.rewrite_plugin(resource, filter, config).await? {
-                    return Ok(false);
-                }
-                typed.value = wasm.encode_to_vec();
-                Ok(true)
+                self.rewrite_wasm::<HttpWasm>(resource, filter, typed).await
             }
             WASM_NETWORK_FILTER_TYPE_URL => {
-                let mut wasm = NetworkWasm::decode(typed.value.as_slice()).map_err(decode_error)?;
-                let Some(config) = wasm.config.as_mut() else {
-                    return Ok(false);
-                };
-                if !self.rewrite_plugin(resource, filter, config).await? {
-                    return Ok(false);
-                }
-                typed.value = wasm.encode_to_vec();
-                Ok(true)
+                self.rewrite_wasm::<NetworkWasm>(resource, filter, typed)
+                    .await
             }
             _ => Ok(false),
         }
+    }
+
+    async fn rewrite_wasm<W: WasmFilter>(
+        &self,
+        resource: &str,
+        filter: &str,
+        typed: &mut Any,
+    ) -> Result<bool, ConvertError> {
+        let mut wasm = W::decode(typed.value.as_slice()).map_err(|error| ConvertError::Decode {
+            kind: "Wasm filter",
+            resource: format!("{resource}/{filter}"),
+            error,
+        })?;
+        let Some(config) = wasm.plugin_config() else {
+            return Ok(false);
+        };
+        if !self.rewrite_plugin(resource, filter, config).await? {
+            return Ok(false);
+        }
+        typed.value = wasm.encode_to_vec();
+        Ok(true)
     }
 
     /// Fetches the plugin's remote module and points its code at the file.
@@ -309,6 +310,24 @@ impl WasmRewriter {
         );
         vm.code = Some(local_code(&module.path));
         Ok(true)
+    }
+}
+
+/// Envoy's two Wasm filters (HTTP and network) wrap the same plugin
+/// configuration.
+trait WasmFilter: Message + Default + Send {
+    fn plugin_config(&mut self) -> Option<&mut PluginConfig>;
+}
+
+impl WasmFilter for HttpWasm {
+    fn plugin_config(&mut self) -> Option<&mut PluginConfig> {
+        self.config.as_mut()
+    }
+}
+
+impl WasmFilter for NetworkWasm {
+    fn plugin_config(&mut self) -> Option<&mut PluginConfig> {
+        self.config.as_mut()
     }
 }
 

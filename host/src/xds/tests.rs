@@ -204,6 +204,15 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
         .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
 }
 
+/// The next response the proxy forwards to "Envoy".
+async fn from_control_plane<T>(stream: &mut Streaming<T>) -> T {
+    tokio::time::timeout(LIMIT, stream.message())
+        .await
+        .expect("timed out waiting for a response forwarded to Envoy")
+        .expect("Envoy's stream failed")
+        .expect("Envoy's stream ended")
+}
+
 fn node() -> Node {
     Node {
         id: "sidecar~10.0.0.12~ratings-vm-1.vm-ns~vm-ns.svc.cluster.local".into(),
@@ -349,11 +358,7 @@ async fn sotw_forwards_consumes_the_name_table_reports_health_and_replays_after_
             ..Default::default()
         }))
         .unwrap();
-    let got = tokio::time::timeout(LIMIT, from_proxy.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let got = from_control_plane(&mut from_proxy).await;
     assert_eq!((got.type_url.as_str(), got.nonce.as_str()), (CDS, "n3"));
     to_proxy
         .send(DiscoveryRequest {
@@ -457,11 +462,7 @@ async fn delta_forwards_and_replays_subscriptions_with_versions() {
             ..Default::default()
         }))
         .unwrap();
-    let got = tokio::time::timeout(LIMIT, from_proxy.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let got = from_control_plane(&mut from_proxy).await;
     assert_eq!(got.nonce, "d1");
     drop(up);
     let mut up = next(&mut s.delta, "the second upstream stream").await;
@@ -678,11 +679,7 @@ async fn ecds_wasm_is_rewritten_to_the_cache_or_nacked_on_envoys_behalf() {
             ..Default::default()
         }))
         .unwrap();
-    let got = tokio::time::timeout(LIMIT, from_proxy.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let got = from_control_plane(&mut from_proxy).await;
     assert_eq!(got.version_info, "v1");
     let config = TypedExtensionConfig::decode(got.resources[0].value.as_slice()).unwrap();
     let wasm = Wasm::decode(config.typed_config.unwrap().value.as_slice()).unwrap();

@@ -204,6 +204,21 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
         .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
 }
 
+/// "Envoy"'s state-of-the-world stream to the proxy: where its requests go,
+/// and what the proxy forwards.
+async fn envoy_sotw(
+    socket: &Path,
+) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
+    let mut client = envoy(socket).await;
+    let (to_proxy, rx) = mpsc::channel(16);
+    let from_proxy = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (to_proxy, from_proxy)
+}
+
 /// The next response the proxy forwards to "Envoy".
 async fn from_control_plane<T>(stream: &mut Streaming<T>) -> T {
     tokio::time::timeout(LIMIT, stream.message())
@@ -247,13 +262,7 @@ async fn sotw_forwards_consumes_the_name_table_reports_health_and_replays_after_
     let mut s = setup(true).await;
     s.proxy
         .report_health(HealthReport::Unhealthy("connection refused".into()));
-    let mut client = envoy(&s.socket).await;
-    let (to_proxy, rx) = mpsc::channel(16);
-    let mut from_proxy = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (to_proxy, mut from_proxy) = envoy_sotw(&s.socket).await;
     to_proxy
         .send(DiscoveryRequest {
             node: Some(node()),
@@ -513,12 +522,7 @@ async fn no_upstream_without_a_certificate() {
     let serving = proxy.clone();
     let path = socket.clone();
     tokio::spawn(async move { serving.serve(&path, std::future::pending()).await });
-    let mut client = envoy(&socket).await;
-    let (to_proxy, rx) = mpsc::channel(16);
-    let _responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap();
+    let (to_proxy, _responses) = envoy_sotw(&socket).await;
     to_proxy
         .send(DiscoveryRequest {
             node: Some(node()),
@@ -653,13 +657,7 @@ async fn ecds_wasm_is_rewritten_to_the_cache_or_nacked_on_envoys_behalf() {
         }
     };
 
-    let mut client = envoy(&s.socket).await;
-    let (to_proxy, rx) = mpsc::channel(16);
-    let mut from_proxy = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (to_proxy, mut from_proxy) = envoy_sotw(&s.socket).await;
     let request = DiscoveryRequest {
         node: Some(node()),
         type_url: EXTENSION_CONFIG_TYPE_URL.into(),

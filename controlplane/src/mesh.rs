@@ -15,6 +15,7 @@ pub mod vip;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::config::selector::selector_matches;
 use crate::config::service::{IntOrString, ServicePort};
@@ -169,6 +170,23 @@ impl MeshModel {
     pub fn build(
         snapshot: &ConfigSnapshot,
         registered: &[WorkloadEntry],
+        trust_domain: &str,
+    ) -> MeshModel {
+        Self::build_from(snapshot, registered.iter(), trust_domain)
+    }
+
+    /// The same from shared entries (what the registry publishes).
+    pub fn build_shared(
+        snapshot: &ConfigSnapshot,
+        registered: &[Arc<WorkloadEntry>],
+        trust_domain: &str,
+    ) -> MeshModel {
+        Self::build_from(snapshot, registered.iter().map(|e| &**e), trust_domain)
+    }
+
+    fn build_from<'a>(
+        snapshot: &'a ConfigSnapshot,
+        registered: impl Iterator<Item = &'a WorkloadEntry>,
         trust_domain: &str,
     ) -> MeshModel {
         let mut workloads = Vec::new();

@@ -225,7 +225,7 @@ struct Inner {
     config: watch::Receiver<Arc<ConfigSnapshot>>,
     runtime: Handle,
     state: Mutex<State>,
-    published: watch::Sender<Arc<Vec<WorkloadEntry>>>,
+    published: watch::Sender<PublishedEntries>,
 }
 
 /// Where the current version of an entry lives.
@@ -252,7 +252,9 @@ const OVERLAY_ANNOTATIONS: [&str; 3] = [WORKLOAD_CONTROLLER, CONNECTED_AT, DISCO
 
 #[derive(Debug, Default)]
 struct State {
-    stored: BTreeMap<ObjectKey, WorkloadEntry>,
+    /// Shared with what is published: a change replaces one entry, and
+    /// publishing copies pointers, not entries.
+    stored: BTreeMap<ObjectKey, Arc<WorkloadEntry>>,
     malformed: BTreeMap<ObjectKey, StoredEntryError>,
     overlays: BTreeMap<ObjectKey, Overlay>,
     /// Open streams per entry.
@@ -262,6 +264,10 @@ struct State {
     pending: HashMap<ObjectKey, u64>,
     next_timer: u64,
 }
+
+/// Every WorkloadEntry, as published after each change; entries that did
+/// not change are the same allocations as in the previous list.
+pub type PublishedEntries = Arc<Vec<Arc<WorkloadEntry>>>;
 
 impl Registry {
     /// Opens the registry on `state_dir` (created if missing) with the
@@ -298,7 +304,11 @@ impl Registry {
             config,
             runtime,
             state: Mutex::new(State {
-                stored: loaded.entries,
+                stored: loaded
+                    .entries
+                    .into_iter()
+                    .map(|(key, entry)| (key, Arc::new(entry)))
+                    .collect(),
                 malformed: loaded.malformed,
                 ..State::default()
             }),
@@ -378,6 +388,9 @@ impl Registry {
         let config = self.inner.config.borrow().clone();
         let state = self.inner.lock();
         merged_entries(&config, &state.stored, &state.overlays)
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect()
     }
 
     /// One WorkloadEntry.
@@ -388,7 +401,7 @@ impl Registry {
     }
 
     /// The entries after every change (the current list is marked seen).
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Vec<WorkloadEntry>>> {
+    pub fn subscribe(&self) -> watch::Receiver<PublishedEntries> {
         self.inner.published.subscribe()
     }
 
@@ -414,13 +427,18 @@ impl Drop for Registry {
 /// stored ones it does not define; sorted by key.
 fn merged_entries(
     config: &ConfigSnapshot,
-    stored: &BTreeMap<ObjectKey, WorkloadEntry>,
+    stored: &BTreeMap<ObjectKey, Arc<WorkloadEntry>>,
     overlays: &BTreeMap<ObjectKey, Overlay>,
-) -> Vec<WorkloadEntry> {
-    let mut all: BTreeMap<&ObjectKey, WorkloadEntry> = config
+) -> Vec<Arc<WorkloadEntry>> {
+    let mut all: BTreeMap<&ObjectKey, Arc<WorkloadEntry>> = config
         .workload_entries
         .iter()
-        .map(|(key, entry)| (key, with_overlay(entry.clone(), overlays.get(key))))
+        .map(|(key, entry)| {
+            (
+                key,
+                Arc::new(with_overlay(entry.clone(), overlays.get(key))),
+            )
+        })
         .collect();
     for (key, entry) in stored {
         all.entry(key).or_insert_with(|| entry.clone());
@@ -434,7 +452,14 @@ pub fn list_entries(
     config: &ConfigSnapshot,
     stored: &BTreeMap<ObjectKey, WorkloadEntry>,
 ) -> Vec<WorkloadEntry> {
-    merged_entries(config, stored, &BTreeMap::new())
+    let stored = stored
+        .iter()
+        .map(|(key, entry)| (key.clone(), Arc::new(entry.clone())))
+        .collect();
+    merged_entries(config, &stored, &BTreeMap::new())
+        .into_iter()
+        .map(Arc::unwrap_or_clone)
+        .collect()
 }
 
 fn with_overlay(mut entry: WorkloadEntry, overlay: Option<&Overlay>) -> WorkloadEntry {
@@ -487,7 +512,7 @@ fn current(
     state
         .stored
         .get(key)
-        .map(|entry| (entry.clone(), Origin::Store))
+        .map(|entry| (WorkloadEntry::clone(entry), Origin::Store))
 }
 
 impl Inner {
@@ -513,7 +538,7 @@ impl Inner {
             Origin::Store => {
                 self.store.save(&entry)?;
                 state.malformed.remove(&key);
-                state.stored.insert(key, entry);
+                state.stored.insert(key, Arc::new(entry));
             }
             Origin::Config => {
                 let base = config.workload_entries.get(&key).and_then(health_condition);

@@ -566,15 +566,15 @@ impl<P: ServerProtocol> ProxyStream<'_, P> {
 /// when it changed.
 fn spawn_mesh_builder(
     mut config: watch::Receiver<Arc<ConfigSnapshot>>,
-    mut entries: watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>,
+    mut entries: watch::Receiver<crate::registry::PublishedEntries>,
     trust_domain: String,
 ) -> watch::Receiver<Arc<MeshState>> {
     let build =
         move |config: &watch::Receiver<Arc<ConfigSnapshot>>,
-              entries: &watch::Receiver<Arc<Vec<crate::config::WorkloadEntry>>>| {
+              entries: &watch::Receiver<crate::registry::PublishedEntries>| {
             let snapshot = config.borrow().clone();
             let registered = entries.borrow().clone();
-            let model = MeshModel::build(&snapshot, &registered, &trust_domain);
+            let model = MeshModel::build_shared(&snapshot, &registered, &trust_domain);
             let endpoints = Arc::new(Built::new(envoy::endpoints(&model)));
             Arc::new(MeshState { model, endpoints })
         };

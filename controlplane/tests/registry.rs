@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use meshvm_controlplane::ca::SpiffeId;
 use meshvm_controlplane::config::{ConfigWatcher, ObjectKey, WorkloadEntry};
 use meshvm_controlplane::node::ProxyNode;
-use meshvm_controlplane::registry::{Proxy, Registry, RegistryOptions};
+use meshvm_controlplane::registry::{Proxy, PublishedEntries, Registry, RegistryOptions};
 use tokio::sync::watch;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,9 +71,9 @@ fn vm(group: &str, service_account: &str, ip: &str) -> Proxy {
 
 /// Waits until the published entries satisfy `done`.
 async fn wait_for(
-    updates: &mut watch::Receiver<Arc<Vec<WorkloadEntry>>>,
+    updates: &mut watch::Receiver<PublishedEntries>,
     what: &str,
-    done: impl Fn(&[WorkloadEntry]) -> bool,
+    done: impl Fn(&[Arc<WorkloadEntry>]) -> bool,
 ) {
     tokio::time::timeout(TIMEOUT, updates.wait_for(|entries| done(entries)))
         .await
@@ -81,10 +81,10 @@ async fn wait_for(
         .unwrap();
 }
 
-fn names(entries: &[WorkloadEntry]) -> Vec<String> {
+fn names<E: std::borrow::Borrow<WorkloadEntry>>(entries: &[E]) -> Vec<String> {
     entries
         .iter()
-        .map(|e| e.metadata.key().to_string())
+        .map(|e| e.borrow().metadata.key().to_string())
         .collect()
 }
 

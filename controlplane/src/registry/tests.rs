@@ -190,7 +190,10 @@ async fn auto_registers_from_the_group() {
         .join("workloadentries/vm-ns/ratings-vm-10.0.0.12-vm-network.yaml");
     assert_eq!(fs::read_to_string(&file).unwrap(), store::to_yaml(&entry));
     assert!(updates.has_changed().unwrap());
-    assert_eq!(*updates.borrow_and_update().clone(), vec![entry.clone()]);
+    assert_eq!(
+        *updates.borrow_and_update().clone(),
+        vec![Arc::new(entry.clone())]
+    );
     assert_eq!(registry.workload_entries(), vec![entry]);
     registry.disconnect(connection);
 }

@@ -151,14 +151,50 @@ impl MeshService {
     }
 }
 
+/// The workloads of registered entries from the last
+/// [`MeshModel::build_shared`], by entry allocation. The entries are kept
+/// so that their addresses cannot be reused by other entries meanwhile.
+#[derive(Debug, Default)]
+pub struct WorkloadCache {
+    entries: Vec<Arc<WorkloadEntry>>,
+    by_entry: HashMap<usize, Option<Arc<Workload>>>,
+}
+
+/// A WorkloadEntry's workload; none without a valid address.
+fn workload_of_entry(entry: &WorkloadEntry) -> Option<Workload> {
+    let address = entry.spec.address.parse::<IpAddr>().ok()?;
+    Some(Workload {
+        kind: WorkloadKind::WorkloadEntry,
+        name: entry.metadata.name.clone(),
+        namespace: entry.metadata.namespace().to_string(),
+        address,
+        labels: entry.spec.labels.clone(),
+        named_ports: entry
+            .spec
+            .ports
+            .iter()
+            .map(|(name, port)| (name.clone(), *port as u16))
+            .collect(),
+        service_account: if entry.spec.service_account.is_empty() {
+            "default".into()
+        } else {
+            entry.spec.service_account.clone()
+        },
+        ready: entry_is_healthy(entry),
+        weight: entry.spec.weight,
+    })
+}
+
 /// The mesh at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshModel {
     pub trust_domain: String,
     /// Sorted by namespace, then name.
     pub services: Vec<MeshService>,
-    /// Pods first, then WorkloadEntries (config, then registered).
-    pub workloads: Vec<Workload>,
+    /// Pods first, then WorkloadEntries (config, then registered). Shared:
+    /// a registered entry that did not change keeps its workload from one
+    /// model to the next ([`WorkloadCache`]).
+    pub workloads: Vec<Arc<Workload>>,
     /// (namespace, address) → the first workload there: every stream looks
     /// its own workload up on every change.
     by_address: HashMap<(String, IpAddr), usize>,
@@ -172,27 +208,52 @@ impl MeshModel {
         registered: &[WorkloadEntry],
         trust_domain: &str,
     ) -> MeshModel {
-        Self::build_from(snapshot, registered.iter(), trust_domain)
+        let registered = registered
+            .iter()
+            .filter_map(workload_of_entry)
+            .map(Arc::new)
+            .collect();
+        Self::assemble(snapshot, registered, trust_domain)
     }
 
-    /// The same from shared entries (what the registry publishes).
+    /// The same from the entries the registry publishes, reusing the
+    /// workloads of entries that did not change since the last build with
+    /// `cache`: with many VMs, one registering costs one new workload, not
+    /// one per VM.
     pub fn build_shared(
         snapshot: &ConfigSnapshot,
         registered: &[Arc<WorkloadEntry>],
         trust_domain: &str,
+        cache: &mut WorkloadCache,
     ) -> MeshModel {
-        Self::build_from(snapshot, registered.iter().map(|e| &**e), trust_domain)
+        let mut by_entry = HashMap::with_capacity(registered.len());
+        let workloads = registered
+            .iter()
+            .filter_map(|entry| {
+                let key = Arc::as_ptr(entry) as usize;
+                let workload = match cache.by_entry.get(&key) {
+                    Some(known) => known.clone(),
+                    None => workload_of_entry(entry).map(Arc::new),
+                };
+                by_entry.insert(key, workload.clone());
+                workload
+            })
+            .collect();
+        cache.by_entry = by_entry;
+        cache.entries = registered.to_vec();
+        Self::assemble(snapshot, workloads, trust_domain)
     }
 
-    fn build_from<'a>(
-        snapshot: &'a ConfigSnapshot,
-        registered: impl Iterator<Item = &'a WorkloadEntry>,
+    /// The config directory's Pods and WorkloadEntries, then `registered`.
+    fn assemble(
+        snapshot: &ConfigSnapshot,
+        registered: Vec<Arc<Workload>>,
         trust_domain: &str,
     ) -> MeshModel {
-        let mut workloads = Vec::new();
+        let mut workloads = Vec::with_capacity(registered.len() + snapshot.pods.len());
         for pod in snapshot.pods.values() {
             let Some(address) = pod.ip() else { continue };
-            workloads.push(Workload {
+            workloads.push(Arc::new(Workload {
                 kind: WorkloadKind::Pod,
                 name: pod.metadata.name.clone(),
                 namespace: pod.metadata.namespace().to_string(),
@@ -202,33 +263,16 @@ impl MeshModel {
                 service_account: pod.service_account().to_string(),
                 ready: pod.is_running(),
                 weight: 0,
-            });
+            }));
         }
-        for entry in snapshot.workload_entries.values().chain(registered) {
-            let Ok(address) = entry.spec.address.parse::<IpAddr>() else {
-                continue;
-            };
-            workloads.push(Workload {
-                kind: WorkloadKind::WorkloadEntry,
-                name: entry.metadata.name.clone(),
-                namespace: entry.metadata.namespace().to_string(),
-                address,
-                labels: entry.spec.labels.clone(),
-                named_ports: entry
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|(name, port)| (name.clone(), *port as u16))
-                    .collect(),
-                service_account: if entry.spec.service_account.is_empty() {
-                    "default".into()
-                } else {
-                    entry.spec.service_account.clone()
-                },
-                ready: entry_is_healthy(entry),
-                weight: entry.spec.weight,
-            });
-        }
+        workloads.extend(
+            snapshot
+                .workload_entries
+                .values()
+                .filter_map(workload_of_entry)
+                .map(Arc::new),
+        );
+        workloads.extend(registered);
         let services = snapshot
             .services
             .values()
@@ -252,7 +296,7 @@ impl MeshModel {
     /// (a Pod before a WorkloadEntry).
     pub fn workload_at(&self, namespace: &str, address: IpAddr) -> Option<&Workload> {
         let index = self.by_address.get(&(namespace.to_string(), address))?;
-        self.workloads.get(*index)
+        self.workloads.get(*index).map(|w| &**w)
     }
 
     /// The Services that select `workload`.
@@ -285,7 +329,7 @@ pub fn entry_is_healthy(entry: &WorkloadEntry) -> bool {
     })
 }
 
-fn mesh_service(service: &Service, workloads: &[Workload], trust_domain: &str) -> MeshService {
+fn mesh_service(service: &Service, workloads: &[Arc<Workload>], trust_domain: &str) -> MeshService {
     let namespace = service.metadata.namespace().to_string();
     let name = service.metadata.name.clone();
     let mut mesh = MeshService {
@@ -300,11 +344,17 @@ fn mesh_service(service: &Service, workloads: &[Workload], trust_domain: &str) -
     let selected: Vec<(usize, &Workload)> = workloads
         .iter()
         .enumerate()
+        .map(|(index, w)| (index, &**w))
         .filter(|(_, w)| mesh.selects(w))
         .collect();
-    mesh.identities = selected
+    // One identity per service account, formatted once.
+    let accounts: BTreeSet<(&str, &str)> = selected
         .iter()
-        .map(|(_, w)| w.identity(trust_domain))
+        .map(|(_, w)| (w.namespace.as_str(), w.service_account.as_str()))
+        .collect();
+    mesh.identities = accounts
+        .into_iter()
+        .map(|(namespace, account)| format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}"))
         .collect();
     mesh.ports = service
         .spec

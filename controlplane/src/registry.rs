@@ -430,20 +430,30 @@ fn merged_entries(
     stored: &BTreeMap<ObjectKey, Arc<WorkloadEntry>>,
     overlays: &BTreeMap<ObjectKey, Overlay>,
 ) -> Vec<Arc<WorkloadEntry>> {
-    let mut all: BTreeMap<&ObjectKey, Arc<WorkloadEntry>> = config
-        .workload_entries
-        .iter()
-        .map(|(key, entry)| {
-            (
-                key,
-                Arc::new(with_overlay(entry.clone(), overlays.get(key))),
-            )
-        })
-        .collect();
-    for (key, entry) in stored {
-        all.entry(key).or_insert_with(|| entry.clone());
+    // Both maps are sorted by key: merge them in one pass.
+    let mut from_config = config.workload_entries.iter().peekable();
+    let mut from_store = stored.iter().peekable();
+    let mut all = Vec::with_capacity(config.workload_entries.len() + stored.len());
+    loop {
+        let order = match (from_config.peek(), from_store.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        if order == std::cmp::Ordering::Equal {
+            // The config directory's entry wins over a stored one.
+            from_store.next();
+        }
+        let take_config = order != std::cmp::Ordering::Greater;
+        if take_config {
+            let (key, entry) = from_config.next().expect("peeked");
+            all.push(Arc::new(with_overlay(entry.clone(), overlays.get(key))));
+        } else {
+            all.push(from_store.next().expect("peeked").1.clone());
+        }
     }
-    all.into_values().collect()
+    all
 }
 
 /// Every entry of a config directory and a state directory, as a registry

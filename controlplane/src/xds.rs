@@ -47,7 +47,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::MeshCa;
 use crate::config::ConfigSnapshot;
-use crate::mesh::MeshModel;
+use crate::mesh::{MeshModel, WorkloadCache};
 use crate::node::ProxyNode;
 use crate::registry::{Proxy, Registry};
 use envoy::{
@@ -569,12 +569,13 @@ fn spawn_mesh_builder(
     mut entries: watch::Receiver<crate::registry::PublishedEntries>,
     trust_domain: String,
 ) -> watch::Receiver<Arc<MeshState>> {
-    let build =
+    let mut cache = WorkloadCache::default();
+    let mut build =
         move |config: &watch::Receiver<Arc<ConfigSnapshot>>,
               entries: &watch::Receiver<crate::registry::PublishedEntries>| {
             let snapshot = config.borrow().clone();
             let registered = entries.borrow().clone();
-            let model = MeshModel::build_shared(&snapshot, &registered, &trust_domain);
+            let model = MeshModel::build_shared(&snapshot, &registered, &trust_domain, &mut cache);
             let endpoints = Arc::new(Built::new(envoy::endpoints(&model)));
             Arc::new(MeshState { model, endpoints })
         };

@@ -145,3 +145,68 @@ fn protocols_follow_istio_port_naming() {
     assert_eq!(Protocol::select("web", Some("http2")), Protocol::Http2);
     assert_eq!(Protocol::select("", None), Protocol::Http);
 }
+
+#[test]
+fn shared_builds_reuse_the_workloads_of_unchanged_entries() {
+    let snapshot = snapshot(MESH);
+    let entry = |name: &str, address: &str| {
+        let mut e = snapshot.workload_entries.values().next().unwrap().clone();
+        e.metadata.name = name.into();
+        e.spec.address = address.into();
+        Arc::new(e)
+    };
+    let (a, b) = (entry("vm-a", "127.0.0.31"), entry("vm-b", "127.0.0.32"));
+    let bad = entry("vm-bad", "not an address");
+    let mut cache = WorkloadCache::default();
+    let first = MeshModel::build_shared(
+        &snapshot,
+        &[a.clone(), b.clone(), bad.clone()],
+        "cluster.local",
+        &mut cache,
+    );
+    let workload = |model: &MeshModel, address: &str| {
+        model
+            .workloads
+            .iter()
+            .find(|w| w.address.to_string() == address)
+            .cloned()
+            .unwrap()
+    };
+    // The same model as an unshared build; an entry without an address
+    // is no workload either way.
+    let unshared = MeshModel::build(
+        &snapshot,
+        &[(*a).clone(), (*b).clone(), (*bad).clone()],
+        "cluster.local",
+    );
+    assert_eq!(first, unshared);
+
+    // b changes (a new allocation, as the registry makes): only its
+    // workload is new; a's is the same allocation.
+    let b2 = entry("vm-b", "127.0.0.33");
+    let second = MeshModel::build_shared(
+        &snapshot,
+        &[a.clone(), b2, bad],
+        "cluster.local",
+        &mut cache,
+    );
+    assert!(Arc::ptr_eq(
+        &workload(&first, "127.0.0.31"),
+        &workload(&second, "127.0.0.31")
+    ));
+    assert!(
+        second
+            .workloads
+            .iter()
+            .all(|w| w.address.to_string() != "127.0.0.32")
+    );
+    assert_eq!(workload(&second, "127.0.0.33").name, "vm-b");
+    // a leaves.
+    let third = MeshModel::build_shared(&snapshot, &[], "cluster.local", &mut cache);
+    assert!(
+        third
+            .workloads
+            .iter()
+            .all(|w| w.kind == WorkloadKind::Pod || w.name == "vm-1" || w.name == "vm-unhealthy")
+    );
+}

@@ -731,3 +731,50 @@ async fn health_reports_set_the_healthy_condition_of_health_checked_entries() {
     );
     registry.disconnect(connection);
 }
+
+#[test]
+fn merged_entries_are_sorted_and_the_config_directory_wins() {
+    let config = snapshot(
+        "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: b-config, namespace: vm-ns}
+spec: {address: 10.0.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: d-both, namespace: vm-ns}
+spec: {address: 10.0.0.4}
+",
+    );
+    let stored_entry = |name: &str, address: &str| {
+        let mut e = config.workload_entries.values().next().unwrap().clone();
+        e.metadata.name = name.into();
+        e.spec.address = address.into();
+        (e.metadata.key(), Arc::new(e))
+    };
+    let stored: BTreeMap<ObjectKey, Arc<WorkloadEntry>> = [
+        stored_entry("a-stored", "10.0.0.1"),
+        stored_entry("c-stored", "10.0.0.3"),
+        stored_entry("d-both", "10.0.0.99"),
+        stored_entry("e-stored", "10.0.0.5"),
+    ]
+    .into_iter()
+    .collect();
+    let merged = merged_entries(&config, &stored, &BTreeMap::new());
+    let seen: Vec<(&str, &str)> = merged
+        .iter()
+        .map(|e| (e.metadata.name.as_str(), e.spec.address.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a-stored", "10.0.0.1"),
+            ("b-config", "10.0.0.2"),
+            ("c-stored", "10.0.0.3"),
+            ("d-both", "10.0.0.4"),
+            ("e-stored", "10.0.0.5"),
+        ]
+    );
+    // Stored entries are shared, not copied.
+    assert!(Arc::ptr_eq(&merged[0], &stored[&key("a-stored")]));
+}

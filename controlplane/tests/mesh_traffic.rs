@@ -21,7 +21,7 @@ use std::time::Duration;
 use meshvm_controlplane::echo::EchoApp;
 mod common;
 
-use common::{controlplane, copy_testdata_config, serve};
+use common::{controlplane, copy_testdata_config, onboard_autoregistered, serve};
 use meshvm_testing::envoy::{filter_wasm, http_get};
 use meshvm_testing::pki::TestCa;
 use meshvm_testing::process::{Process, cargo_bin, free_port, wait_until};
@@ -130,22 +130,12 @@ impl Mesh {
         ports: &Ports,
         extra: &[&OsStr],
     ) -> Vm {
-        let onboarding = self.path(&format!("{name}/onboarding"));
-        let out = controlplane()
-            .args(["onboard", "-f"])
-            .arg(self.path("config/product-vm.yaml"))
-            .arg("-o")
-            .arg(&onboarding)
-            .arg("--ca-dir")
-            .arg(self.path("ca"))
-            .args(["--internal-ip", &ip.to_string(), "--autoregister"])
-            .args(["--discovery-address", &self.discovery_address()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        onboard_autoregistered(
+            &self.path("config/product-vm.yaml"),
+            &self.path(&format!("{name}/onboarding")),
+            &self.path("ca"),
+            &ip.to_string(),
+            &self.discovery_address(),
         );
         let app = EchoApp::spawn(&SocketAddr::new(app, self.vm_port).to_string(), name).unwrap();
         Vm {

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 mod common;
 
-use common::{controlplane, copy_testdata_config, serve};
+use common::{controlplane, copy_testdata_config, onboard_autoregistered, serve};
 use meshvm_testing::envoy::http_get;
 use meshvm_testing::process::{Process, cargo_bin, free_port, signal, wait_until};
 use serde_json::Value;
@@ -34,22 +34,12 @@ impl Mesh {
         let dir = tempfile::tempdir().unwrap();
         let config = copy_testdata_config("controlplane/mesh", dir.path(), |text| text);
         let port = free_port();
-        let out = controlplane()
-            .args(["onboard", "-f"])
-            .arg(config.join("ratings-vm.yaml"))
-            .arg("-o")
-            .arg(dir.path().join("vm"))
-            .arg("--ca-dir")
-            .arg(dir.path().join("ca"))
-            .args(["--internal-ip", "127.0.0.1", "--autoregister"])
-            .arg("--discovery-address")
-            .arg(format!("localhost:{port}"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        onboard_autoregistered(
+            &config.join("ratings-vm.yaml"),
+            &dir.path().join("vm"),
+            &dir.path().join("ca"),
+            "127.0.0.1",
+            &format!("localhost:{port}"),
         );
         Self { dir, port }
     }

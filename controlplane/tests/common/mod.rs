@@ -37,6 +37,27 @@ pub fn serve(dir: &Path, port: u16, grace: Duration, extra: &[&OsStr]) -> Proces
     cp
 }
 
+/// `meshvm-controlplane onboard --autoregister`: istioctl's files for a VM
+/// of the WorkloadGroup in `group` at `ip`, written to `out`.
+pub fn onboard_autoregistered(group: &Path, out: &Path, ca_dir: &Path, ip: &str, discovery: &str) {
+    let output = controlplane()
+        .args(["onboard", "-f"])
+        .arg(group)
+        .arg("-o")
+        .arg(out)
+        .arg("--ca-dir")
+        .arg(ca_dir)
+        .args(["--internal-ip", ip, "--autoregister"])
+        .args(["--discovery-address", discovery])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Copies the manifests (`*.yaml`) of `testdata/<name>` into `<dir>/config`,
 /// each passed through `edit`.
 pub fn copy_testdata_config(name: &str, dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {

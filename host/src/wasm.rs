@@ -111,6 +111,8 @@ impl Hasher {
 pub enum WasmError {
     #[error("`{url}` is not a Wasm module URL: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{url}: image pull secret: {reason}")]
+    PullSecret { url: String, reason: String },
     #[error("cannot fetch {url}: {reason}")]
     Unavailable { url: String, reason: String },
     #[error("{url}: the registry refused: {reason}")]

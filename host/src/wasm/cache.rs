@@ -525,9 +525,9 @@ fn registry_auth(source: &Source, secret: Option<&[u8]>) -> Result<RegistryAuth,
         #[serde(default)]
         password: Option<String>,
     }
-    let bad = |reason: String| WasmError::BadUrl {
+    let bad = |reason: String| WasmError::PullSecret {
         url: source.url().to_string(),
-        reason: format!("image pull secret: {reason}"),
+        reason,
     };
     let config: DockerConfig = serde_json::from_slice(secret)
         .map_err(|e| bad(format!("not a docker config JSON document: {e}")))?;

@@ -206,6 +206,19 @@ impl Proxy {
         }
     }
 
+    /// Sends the mesh's NameTable and waits until the proxy answers from it.
+    async fn publish_mesh_table(&self) {
+        self.tables.send_replace(Some(Arc::new(mesh_table())));
+        let addr = self.addr;
+        tokio::task::spawn_blocking(move || {
+            wait_until("the first table is used", String::new, || {
+                dig(addr, "ratings.vm-ns", "A", &[]).status == "NOERROR"
+            })
+        })
+        .await
+        .unwrap();
+    }
+
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap();
@@ -436,15 +449,7 @@ async fn before_the_first_table_servfail_or_forward() {
     let d = dig_async(proxy.addr, "www.example.org", "A", &[]).await;
     assert_eq!(d.status, "SERVFAIL", "{}", d.output);
     // The first table arrives: answers start.
-    proxy.tables.send_replace(Some(Arc::new(mesh_table())));
-    let addr = proxy.addr;
-    tokio::task::spawn_blocking(move || {
-        wait_until("the first table is used", String::new, || {
-            dig(addr, "ratings.vm-ns", "A", &[]).status == "NOERROR"
-        })
-    })
-    .await
-    .unwrap();
+    proxy.publish_mesh_table().await;
     proxy.stop().await;
 
     options.forward_before_table = true;
@@ -566,15 +571,7 @@ async fn metrics_count_each_outcome_and_time_the_upstream() {
     assert_eq!(moved(&m0, &m1), count(&outcome("servfail"), 1.0));
 
     // The table arrives: its size, then a table answer.
-    proxy.tables.send_replace(Some(Arc::new(mesh_table())));
-    let addr = proxy.addr;
-    tokio::task::spawn_blocking(move || {
-        wait_until("the first table is used", String::new, || {
-            dig(addr, "ratings.vm-ns", "A", &[]).status == "NOERROR"
-        })
-    })
-    .await
-    .unwrap();
+    proxy.publish_mesh_table().await;
     let m2 = scrape(&proxy).await;
     // 4 hosts; 9 names (4 + 3 for the Kubernetes services, 1 each for the
     // others) and their 9 CNAMEs in the first search domain.
